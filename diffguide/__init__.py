@@ -1,0 +1,3 @@
+"""diffguide: an experiment runner for guided diffusion sampling."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,53 @@
+"""Where the configs live, the resolvers they use, and the schema that validates the run config."""
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from diffguide.checkpoint import asset_path
+
+_HERE = Path(__file__).resolve().parent
+# A checkout keeps conf/ at the top level; an installed wheel ships it inside the package (pyproject maps it).
+CONF_DIR = _HERE.parent / "conf" if (_HERE.parent / "conf").is_dir() else _HERE / "conf"
+
+
+class Precision(enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class RunConfig:
+    """Top-level keys of `python -m diffguide.run`; the groups are validated by their own targets."""
+
+    model: Any = MISSING
+    sampler: Any = MISSING
+    guidance: Any = MISSING
+    classifier: Any = None
+    metric: Any = None
+    logger: Any = None
+    scale: Optional[float] = None  # null: the guidance method's paper default
+    steps: int = 50
+    num_samples: int = 1000
+    batch_size: int = 250
+    seed: int = 0
+    device: str = "auto"
+    precision: Precision = Precision.bf16
+    out_dir: Optional[str] = None
+    grid_size: int = 100
+
+
+def _first_not_null(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def register() -> None:
+    """Resolvers and schemas; safe to call more than once."""
+    OmegaConf.register_new_resolver("dg.asset", asset_path, replace=True)
+    OmegaConf.register_new_resolver("dg.or", _first_not_null, replace=True)
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)

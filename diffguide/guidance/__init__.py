@@ -1,0 +1,3 @@
+from diffguide.guidance.base import Guidance, GuidedPrediction
+
+__all__ = ["Guidance", "GuidedPrediction"]

@@ -1,0 +1,63 @@
+"""The Guidance interface: what a sampler asks for at every step, and nothing about the sampler itself."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from diffguide.errors import UserError
+from diffguide.models.denoiser import Denoiser
+
+
+@dataclass
+class GuidedPrediction:
+    """What the sampler integrates with.
+
+    x0:  the data estimate the update moves towards (the guided x0).
+    eps: the noise direction used to re-noise to the next level. For most methods it is the eps consistent with x0
+         at x_t, i.e. (x_t - sqrt(a_t) x0) / sqrt(1 - a_t); CFG++ re-noises with the unconditional eps instead.
+    nfe: network evaluations per sample spent on this prediction (2 for CFG: cond and uncond, even when batched).
+    consistent: True when eps is the one consistent with x0 at x_t; a sampler that clips x0 then re-derives eps
+         from the clipped x0 (as guided-diffusion does). CFG++ sets it False: its re-noising eps stays eps_u.
+    """
+
+    x0: torch.Tensor
+    eps: torch.Tensor
+    nfe: float
+    consistent: bool = True
+
+
+class Guidance:
+    """One method: the guided prediction at (x_t, t) for class labels `labels`.
+
+    Stateful methods (momentum, a switch that stays off) reset their state in `start`, which the sampler calls once
+    per trajectory batch.
+    """
+
+    name = "guidance"
+    #: The scale in the method's own paper convention; None for methods without one.
+    scale: float | None = None
+
+    def start(self, denoiser: Denoiser, labels: torch.Tensor) -> None:
+        pass
+
+    def __call__(self, denoiser: Denoiser, x: torch.Tensor, t: int, labels: torch.Tensor) -> GuidedPrediction:
+        raise NotImplementedError
+
+    @staticmethod
+    def from_eps(denoiser: Denoiser, x: torch.Tensor, t: int, eps: torch.Tensor, nfe: float) -> GuidedPrediction:
+        return GuidedPrediction(denoiser.x0_from_eps(x, t, eps), eps, nfe)
+
+    @staticmethod
+    def check_scale(name: str, scale, lo: float | None = None) -> float:
+        if scale is None or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise UserError(f"guidance={name} needs a finite scale (got {scale!r})")
+        if lo is not None and scale < lo:
+            raise UserError(f"guidance={name}: scale must be >= {lo} (got {scale})")
+        return float(scale)
+
+    @staticmethod
+    def require_null_class(name: str, denoiser: Denoiser) -> None:
+        if denoiser.null_class is None:
+            raise UserError(f"guidance={name} needs a model with a null class (unconditional prediction); "
+                            f"this model has none")

@@ -1,0 +1,29 @@
+"""CFG++ (Chung et al. 2024, "CFG++: Manifold-constrained Classifier Free Guidance for Diffusion Models").
+
+The data estimate comes from eps_lam = eps_u + lam (eps_c - eps_u), but the sampler re-noises it with the
+UNconditional eps_u; for DDIM: x_{t-1} = sqrt(a_{t-1}) x0(eps_lam) + sqrt(1 - a_{t-1}) eps_u. The paper's
+lam lies in [0, 1] (0.6 in its examples; lam = 1 is not CFG at w = 1 because of the re-noising).
+"""
+
+import warnings
+
+from diffguide.guidance.base import Guidance, GuidedPrediction
+from diffguide.guidance.cfg import combine
+
+
+class CFGPlusPlus(Guidance):
+    name = "cfgpp"
+
+    def __init__(self, scale: float):
+        self.scale = self.check_scale(self.name, scale, lo=0.0)
+        if self.scale > 1.0:
+            warnings.warn(f"cfgpp scale (lambda) {self.scale} is outside the paper's range [0, 1]; "
+                          f"it extrapolates beyond the conditional manifold step", stacklevel=2)
+
+    def start(self, denoiser, labels):
+        self.require_null_class(self.name, denoiser)
+
+    def __call__(self, denoiser, x, t, labels):
+        eps_uncond, eps_cond = denoiser.eps_many(x, t, [denoiser.null_labels(labels), labels])
+        x0_guided = denoiser.x0_from_eps(x, t, combine(eps_uncond, eps_cond, self.scale))
+        return GuidedPrediction(x0=x0_guided, eps=eps_uncond, nfe=2, consistent=False)

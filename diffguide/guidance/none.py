@@ -1,0 +1,17 @@
+"""No guidance: the conditional model (or, with conditional=false, the unconditional one) alone."""
+
+from diffguide.guidance.base import Guidance
+
+
+class NoGuidance(Guidance):
+    name = "none"
+
+    def __init__(self, conditional: bool = True):
+        self.conditional = conditional
+
+    def __call__(self, denoiser, x, t, labels):
+        if self.conditional and denoiser.num_classes:
+            condition = labels
+        else:
+            condition = denoiser.null_labels(labels) if denoiser.null_class is not None else None
+        return self.from_eps(denoiser, x, t, denoiser(x, t, condition), nfe=1)

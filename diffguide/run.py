@@ -1,0 +1,148 @@
+"""`python -m diffguide.run [-m] key=value ...`: sample with a guidance method, then score the samples."""
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from tqdm import tqdm
+
+from diffguide import checkpoint
+from diffguide.config import CONF_DIR, register
+from diffguide.errors import UserError
+from diffguide.runtime import resolve_device, resolve_precision
+from diffguide.samples import SampleStore, initial_noise, labels_for, to_uint8
+
+register()
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks the schema's types cannot express; one clear message for the first problem."""
+    for key, lo in (("steps", 1), ("num_samples", 1), ("batch_size", 1), ("seed", 0), ("grid_size", 0)):
+        if cfg[key] < lo:
+            raise UserError(f"{key} must be >= {lo} (got {cfg[key]})")
+    if cfg.scale is not None and not math.isfinite(cfg.scale):
+        raise UserError(f"scale must be a finite number (got {cfg.scale})")
+
+
+def _instantiate(node, what: str):
+    try:
+        return instantiate(node)
+    except UserError:
+        raise
+    except Exception as exc:
+        # Hydra wraps a target's own exception; surface a UserError raised inside a target as it is.
+        cause = exc
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def fingerprint(cfg: DictConfig) -> dict:
+    """The settings an image depends on (not batch size, device split or sample count)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    fp = {key: resolved[key] for key in ("model", "sampler", "guidance", "classifier", "seed", "precision")}
+    weights = resolved["model"].get("weights") if isinstance(resolved["model"], dict) else None
+    if weights and Path(weights).is_file():
+        fp["model_weights_sha256"] = checkpoint.file_digest(weights, 16)
+    return fp
+
+
+def job_identity(out_dir: Path) -> tuple[str, str | None]:
+    """A name for the job and, in a sweep, the group it belongs to."""
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        return hc.job.override_dirname or str(hc.job.num), Path(hc.sweep.dir).name
+    return out_dir.name, None
+
+
+def generate(cfg, denoiser, sampler, guidance, store: SampleStore, device, logger) -> dict:
+    missing = store.missing(cfg.num_samples)
+    batches = [missing[i:i + cfg.batch_size] for i in range(0, len(missing), cfg.batch_size)]
+    steps = len(sampler.timesteps(denoiser))
+    start = time.perf_counter()
+    done = 0
+    with tqdm(total=len(batches) * steps, desc=f"sampling {len(missing)} of {cfg.num_samples}", unit="step",
+              disable=not batches, file=sys.stderr) as bar:
+        for indices in batches:
+            x_T, generators = initial_noise(indices, cfg.seed, denoiser.sample_shape, device)
+            labels = labels_for(indices, denoiser.num_classes).to(device)
+            x0, nfe = sampler.sample(denoiser, guidance, x_T, labels, generators,
+                                     on_step=lambda i, n: bar.update(1))
+            pixels = to_uint8(denoiser.decode(x0))
+            for index, image, label in zip(indices, pixels, labels.tolist()):
+                store.write(index, image, {"seed": cfg.seed + index, "label": label, "nfe": nfe})
+            done += len(indices)
+            elapsed = time.perf_counter() - start
+            logger.progress({"images": cfg.num_samples - len(missing) + done, "images_per_s": done / elapsed})
+    wall = time.perf_counter() - start
+    return {"images_generated": done, "sampling_wall_s": round(wall, 3),
+            "images_per_s": round(done / wall, 3) if done else None}
+
+
+def run(cfg: DictConfig) -> dict:
+    total_start = time.perf_counter()
+    validate(cfg)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    device = resolve_device(cfg.device)
+    dtype = resolve_precision(cfg.precision.value if hasattr(cfg.precision, "value") else cfg.precision)
+
+    # Build and check everything before any long work: a bad config or a missing file fails here.
+    denoiser = _instantiate(cfg.model, "model").to(device)
+    denoiser.set_precision(dtype)
+    sampler = _instantiate(cfg.sampler, "sampler")
+    sampler.check(denoiser)
+    guidance = _instantiate(cfg.guidance, "guidance")
+    guidance.start(denoiser, labels_for([0], denoiser.num_classes))
+    metric = _instantiate(cfg.metric, "metric")
+    metric.check()
+    logger = _instantiate(cfg.logger, "logger")
+    store = SampleStore(out_dir)
+    store.claim(fingerprint(cfg))
+
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    checkpoint.atomic_write_text(out_dir / "config.resolved.yaml", OmegaConf.to_yaml(resolved))
+    name, group = job_identity(out_dir)
+    logger.start(resolved, out_dir, name, group)
+    try:
+        sampling = generate(cfg, denoiser, sampler, guidance, store, device, logger)
+        metas = store.metadata(cfg.num_samples)
+        store.write_labels(metas)
+        grid = store.write_grid(cfg.grid_size)
+        score_start = time.perf_counter()
+        scores = metric(store.dir, [m["label"] for m in metas], device)
+        result = {**scores, "nfe": sum(m["nfe"] for m in metas) / len(metas), "num_samples": cfg.num_samples,
+                  **sampling, "scoring_wall_s": round(time.perf_counter() - score_start, 3),
+                  "wall_time_s": round(time.perf_counter() - total_start, 3), "device": str(device),
+                  "config": resolved}
+        checkpoint.atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
+    except BaseException:
+        logger.finish({}, None)
+        raise
+    logger.finish(result, grid)
+    print(json.dumps({k: v for k, v in result.items() if k != "config"}))
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (UserError, OmegaConfBaseException) as exc:
+        print(f"diffguide: error: {exc}".splitlines()[0], file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

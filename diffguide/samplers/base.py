@@ -1,0 +1,83 @@
+"""The sampling loop shared by every sampler; each sampler file supplies its timesteps and its update rule.
+
+The update rules are written here rather than taken from diffusers' `step` because a diffusers scheduler derives
+both the data estimate and the re-noising direction from one model output, and guidance methods such as CFG++ need
+the two to differ. diffusers still supplies the timestep schedules, and tests check each rule against its step.
+"""
+
+from typing import Callable, Sequence
+
+import torch
+
+from diffguide.errors import UserError
+from diffguide.guidance.base import Guidance, GuidedPrediction
+from diffguide.models.denoiser import Denoiser
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+class Sampler:
+    name = "sampler"
+    scheduler_class = None  # the diffusers scheduler whose timestep schedule this sampler follows
+
+    def __init__(self, steps: int, spacing: str = "trailing", clip_x0: bool = True):
+        if not isinstance(steps, int) or steps < 1:
+            raise UserError(f"steps must be a whole number >= 1 (got {steps!r})")
+        if spacing not in SPACINGS:
+            raise UserError(f"sampler spacing {spacing!r} is not one of {', '.join(SPACINGS)}")
+        self.steps, self.spacing, self.clip_x0 = steps, spacing, clip_x0
+
+    def check(self, denoiser: Denoiser) -> None:
+        if self.steps > denoiser.num_train_timesteps:
+            raise UserError(f"steps={self.steps} exceeds the model's {denoiser.num_train_timesteps} training timesteps")
+
+    def timesteps(self, denoiser: Denoiser) -> list[int]:
+        """Descending timesteps from the matching diffusers scheduler, for the denoiser's own training schedule."""
+        self.check(denoiser)
+        scheduler = self.scheduler_class.from_config(denoiser.scheduler_config, timestep_spacing=self.spacing)
+        scheduler.set_timesteps(self.steps)
+        return [int(t) for t in scheduler.timesteps]
+
+    def _finalize(self, denoiser: Denoiser, x: torch.Tensor, t: int, pred: GuidedPrediction) -> GuidedPrediction:
+        """Clip x0 to the model's data range where asked (pixel models), keeping eps consistent with it."""
+        if not self.clip_x0 or denoiser.data_range is None:
+            return pred
+        x0 = pred.x0.clamp(*denoiser.data_range)
+        eps = denoiser.eps_from_x0(x, t, x0) if pred.consistent else pred.eps
+        return GuidedPrediction(x0, eps, pred.nfe, pred.consistent)
+
+    def update(self, denoiser: Denoiser, x: torch.Tensor, t: int, t_next: int, pred: GuidedPrediction,
+               noise: Callable[[], torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget multistep history before a new trajectory."""
+
+    @torch.no_grad()
+    def sample(self, denoiser: Denoiser, guidance: Guidance, x_T: torch.Tensor, labels: torch.Tensor,
+               generators: Sequence[torch.Generator] | None = None,
+               on_step: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, float]:
+        """Integrate from x_T down to the data; returns (x0, network evaluations per sample).
+
+        Stochastic samplers draw each sample's fresh noise from its own generator, so that a sample does not depend
+        on which batch it ran in.
+        """
+        timesteps = self.timesteps(denoiser)
+        shape = x_T.shape[1:]
+
+        def noise() -> torch.Tensor:
+            if generators is None:
+                raise ValueError(f"{self.name} is stochastic: pass one generator per sample")
+            return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(x_T.device)
+
+        self.reset()
+        guidance.start(denoiser, labels)
+        x, nfe = x_T, 0.0
+        for i, t in enumerate(timesteps):
+            t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            pred = self._finalize(denoiser, x, t, guidance(denoiser, x, t, labels))
+            nfe += pred.nfe
+            x = self.update(denoiser, x, t, t_next, pred, noise)
+            if on_step is not None:
+                on_step(i + 1, len(timesteps))
+        return x, nfe

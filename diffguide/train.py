@@ -1,0 +1,204 @@
+"""Train the embedded Fashion-MNIST networks: `python -m diffguide.train train=fmnist_unet|fmnist_evaluator`."""
+
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from diffguide import checkpoint
+from diffguide.config import CONF_DIR, register
+from diffguide.data import fashion_mnist
+from diffguide.errors import UserError
+from diffguide.metrics import evaluator as evaluator_lib
+from diffguide.models import unet as unet_lib
+from diffguide.runtime import resolve_device, resolve_precision
+
+
+def _lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} CPU threads"
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1
+
+
+def diffusion_loss(model: unet_lib.UNetDenoiser, x0: torch.Tensor, labels: torch.Tensor, label_dropout: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """The DDPM eps-prediction loss, with labels dropped to the null class at rate `label_dropout` (for CFG)."""
+    batch = x0.shape[0]
+    t = torch.randint(0, model.num_train_timesteps, (batch,), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    a = model.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    drop = torch.rand(batch, generator=generator).to(x0.device) < label_dropout
+    labels = torch.where(drop, torch.full_like(labels, model.null_class), labels)
+    autocast = model.autocast_dtype
+    with torch.autocast(x0.device.type, dtype=autocast, enabled=autocast is not None):
+        eps = model._eps(x_t, t, labels)
+    return F.mse_loss(eps.float(), noise)
+
+
+def train_unet(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+               log=print) -> tuple[unet_lib.UNetDenoiser, dict]:
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model = unet_lib.build(OmegaConf.to_container(cfg.unet), cfg.num_classes,
+                           OmegaConf.to_container(cfg.scheduler)).to(device)
+    model.set_precision(resolve_precision(cfg.precision))
+    ema = copy.deepcopy(model.unet).requires_grad_(False)
+    opt = torch.optim.AdamW(model.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    x_all = to_model_range(images)
+    losses, start = [], time.time()
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=generator)
+        loss = diffusion_loss(model, x_all[idx].to(device), labels[idx].to(device), cfg.label_dropout, generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.unet.parameters(), 1.0)
+        opt.step()
+        # EMA with a warm-up so that a short run still averages over its own steps only.
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.unet.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
+            log(f"step {step + 1}/{cfg.steps} loss {recent:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{time.time() - start:.0f}s")
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            _save_unet(model, ema, cfg, step + 1, losses, time.time() - start, device)
+    stats = _save_unet(model, ema, cfg, cfg.steps, losses, time.time() - start, device)
+    model.unet.load_state_dict(ema.state_dict())
+    return model, stats
+
+
+def _save_unet(model, ema, cfg, step, losses, wall, device) -> dict:
+    tail = losses[-min(len(losses), 100):]
+    stats = {"steps": step, "final_loss": sum(tail) / len(tail), "first_loss": losses[0], "wall_time_s": round(wall, 1),
+             "hardware": _hardware(device), "parameters": sum(p.numel() for p in ema.parameters())}
+    live = model.unet
+    model.unet = ema
+    try:
+        unet_lib.save(model, Path(cfg.out), extra={"training": stats})
+    finally:
+        model.unet = live
+    return stats
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random shifts of up to 2 pixels. No flips: Fashion-MNIST's shoes all face one way, and the evaluator's
+    features should see it when generated ones do not."""
+    n = x.shape[0]
+    padded = F.pad(x, (2, 2, 2, 2))
+    dx, dy = torch.randint(0, 5, (2, n), generator=generator)
+    return torch.stack([padded[i, :, dy[i]:dy[i] + 28, dx[i]:dx[i] + 28] for i in range(n)])
+
+
+@torch.no_grad()
+def accuracy(model: evaluator_lib.Evaluator, images: torch.Tensor, labels: torch.Tensor, device) -> float:
+    correct = 0
+    for i in range(0, len(images), 1000):
+        correct += (model(images[i:i + 1000].to(device)).argmax(1).cpu() == labels[i:i + 1000]).sum().item()
+    return correct / len(images)
+
+
+def train_evaluator(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                    test: tuple[torch.Tensor, torch.Tensor] | None = None, log=print):
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model = evaluator_lib.Evaluator(cfg.timm_model, cfg.num_classes).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    dtype = resolve_precision(cfg.precision)
+    x_all = images.float() / 255
+    losses, start = [], time.time()
+    model.train()
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=generator)
+        batch = _augment(x_all[idx], generator).to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(batch)
+        loss = F.cross_entropy(logits.float(), labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            log(f"step {step + 1}/{cfg.steps} loss {sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]):.4f} "
+                f"{time.time() - start:.0f}s")
+    model.eval()
+    tail = losses[-min(len(losses), 100):]
+    stats = {"steps": cfg.steps, "final_loss": sum(tail) / len(tail), "first_loss": losses[0],
+             "wall_time_s": round(time.time() - start, 1), "hardware": _hardware(device),
+             "parameters": sum(p.numel() for p in model.parameters())}
+    if test is not None:
+        stats["test_accuracy"] = accuracy(model, *test, device)
+    evaluator_lib.save(model, Path(cfg.out), extra={"training": stats})
+    return model, stats
+
+
+def write_card(cfg: DictConfig, stats: dict) -> Path:
+    """A model card beside the weights: what was trained, how, on what, and how it ended."""
+    out = Path(cfg.out)
+    card = out.with_suffix(".md")
+    lines = [f"# {out.name}", "", f"Trained by `python -m diffguide.train train={cfg.name}` "
+             f"({time.strftime('%Y-%m-%d')}).", "", "## Training config", "```yaml",
+             OmegaConf.to_yaml(cfg).rstrip(), "```", "", "## Result", "```json", json.dumps(stats, indent=2), "```", ""]
+    checkpoint.atomic_write_text(card, "\n".join(lines))
+    return card
+
+
+register()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        tcfg = cfg.train
+        device = resolve_device(cfg.device)
+        resolve_precision(tcfg.precision)
+        if tcfg.steps < 1 or tcfg.batch_size < 1:
+            raise UserError(f"train.steps and train.batch_size must be >= 1 (got {tcfg.steps}, {tcfg.batch_size})")
+        images, labels = fashion_mnist.load("train")
+    except UserError as exc:
+        print(f"diffguide: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if tcfg.kind == "unet":
+        _, stats = train_unet(tcfg, images, labels, device)
+    else:
+        _, stats = train_evaluator(tcfg, images, labels, device, test=fashion_mnist.load("test"))
+    print(json.dumps(stats))
+    print(f"wrote {tcfg.out} and {write_card(tcfg, stats)}")
+
+
+if __name__ == "__main__":
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(os.cpu_count() or 1)
+    main()
