@@ -12,6 +12,11 @@ from safetensors.torch import save_file
 
 from diffguide.errors import UserError
 
+# mkstemp creates files readable by their owner only; finished files get the mode a plain open() would give them.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file beside `path`, then rename: readers see the old file or the new one, never half."""
@@ -23,6 +28,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -33,14 +39,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def save(path: Path, state_dict: dict[str, torch.Tensor], kind: str, config: dict) -> None:
+def save(path: Path, state_dict: dict[str, torch.Tensor], kind: str, config: dict,
+         storage_dtype: torch.dtype | None = torch.float16) -> None:
+    """Float tensors are stored in `storage_dtype` (fp16: half the size; loading copies them into the network's own
+    float32 parameters). Integer buffers keep their dtype."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        tensors = {k: (v.to(storage_dtype) if storage_dtype is not None and v.is_floating_point() else v)
+                   .detach().contiguous().cpu() for k, v in state_dict.items()}
         save_file(tensors, tmp, metadata={"kind": kind, "config": json.dumps(config, sort_keys=True)})
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

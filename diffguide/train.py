@@ -62,11 +62,14 @@ def diffusion_loss(model: unet_lib.UNetDenoiser, x0: torch.Tensor, labels: torch
 
 
 def train_unet(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-               log=print) -> tuple[unet_lib.UNetDenoiser, dict]:
+               log=print, model: unet_lib.UNetDenoiser | None = None) -> tuple[unet_lib.UNetDenoiser, dict]:
+    """Train (from `model`, or from a fresh network built from cfg.unet); returns the EMA model and its stats."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    model = unet_lib.build(OmegaConf.to_container(cfg.unet), cfg.num_classes,
-                           OmegaConf.to_container(cfg.scheduler)).to(device)
+    if model is None:
+        model = unet_lib.build(OmegaConf.to_container(cfg.unet), cfg.num_classes,
+                               OmegaConf.to_container(cfg.scheduler))
+    model = model.to(device).train().requires_grad_(True)
     model.set_precision(resolve_precision(cfg.precision))
     ema = copy.deepcopy(model.unet).requires_grad_(False)
     opt = torch.optim.AdamW(model.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -132,7 +135,9 @@ def train_evaluator(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor,
                     test: tuple[torch.Tensor, torch.Tensor] | None = None, log=print):
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    model = evaluator_lib.Evaluator(cfg.timm_model, cfg.num_classes).to(device)
+    model = evaluator_lib.Evaluator(cfg.timm_model, cfg.num_classes,
+                                    timm_kwargs=OmegaConf.to_container(cfg.timm_kwargs) if cfg.get("timm_kwargs") else None
+                                    ).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     dtype = resolve_precision(cfg.precision)
     x_all = images.float() / 255

@@ -13,10 +13,12 @@ MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST train pixel statistics on [0, 1]
 
 
 class Evaluator(nn.Module):
-    def __init__(self, timm_model: str, num_classes: int = 10, in_chans: int = 1):
+    def __init__(self, timm_model: str, num_classes: int = 10, in_chans: int = 1, timm_kwargs: dict | None = None):
         super().__init__()
-        self.config = {"timm_model": timm_model, "num_classes": num_classes, "in_chans": in_chans}
-        self.net = timm.create_model(timm_model, in_chans=in_chans, num_classes=num_classes)
+        timm_kwargs = dict(timm_kwargs or {})
+        self.config = {"timm_model": timm_model, "num_classes": num_classes, "in_chans": in_chans,
+                       "timm_kwargs": timm_kwargs}
+        self.net = timm.create_model(timm_model, in_chans=in_chans, num_classes=num_classes, **timm_kwargs)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) or floats in [0, 1] -> the network's input."""
@@ -37,6 +39,6 @@ def save(model: Evaluator, path: Path, extra: dict | None = None) -> None:
 
 def load(path) -> Evaluator:
     tensors, config = checkpoint.load(path, KIND)
-    model = Evaluator(config["timm_model"], config["num_classes"], config["in_chans"])
+    model = Evaluator(config["timm_model"], config["num_classes"], config["in_chans"], config.get("timm_kwargs"))
     model.net.load_state_dict(tensors)
     return model.eval().requires_grad_(False)

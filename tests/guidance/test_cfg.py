@@ -1,0 +1,66 @@
+import pytest
+import torch
+from diffusers.guiders import ClassifierFreeGuidance
+
+from diffguide.errors import UserError
+from diffguide.guidance.cfg import CFG
+from diffguide.guidance.none import NoGuidance
+from diffguide.models import gmm
+from tests.conftest import ToyDenoiser
+
+
+def test_cfg_matches_formula_worked_by_hand(toy):
+    x = torch.full((2, 1, 2, 2), 0.4)
+    labels = torch.tensor([0, 2])
+    t, w = 300, 3.0
+    pred = CFG(w)(toy, x, t, labels)
+    # eps_u = 0.5*0.4 + 0.1*0 + 0.3 = 0.5; eps_c = 0.2 + 0.1*(y+1) + 0.3 -> 0.6 (y=0), 0.8 (y=2)
+    # eps = eps_u + w (eps_c - eps_u) = 0.5 + 3*0.1 = 0.8 and 0.5 + 3*0.3 = 1.4
+    assert torch.allclose(pred.eps[0], torch.full((1, 2, 2), 0.8))
+    assert torch.allclose(pred.eps[1], torch.full((1, 2, 2), 1.4))
+    a = float(toy.alphas_cumprod[t])
+    assert torch.allclose(pred.x0, (x - (1 - a) ** 0.5 * pred.eps) / a ** 0.5)
+    assert pred.nfe == 2
+    assert toy.calls == [4], "cond and uncond must go through one batched forward pass"
+
+
+@pytest.mark.parametrize("w, expected_label", [(1.0, 1), (0.0, 3)])
+def test_cfg_at_one_is_conditional_and_at_zero_unconditional_in_one_evaluation(toy, w, expected_label):
+    x, labels = torch.randn(3, 1, 2, 2), torch.tensor([1, 1, 1])
+    pred = CFG(w)(toy, x, 500, labels)
+    assert torch.allclose(pred.eps, toy(x, 500, torch.full_like(labels, expected_label)))
+    assert pred.nfe == 1 and toy.calls[0] == 3
+
+
+@pytest.mark.parametrize("w", [0.5, 1.5, 4.0])
+def test_cfg_equals_diffusers_guider(toy, w):
+    x, labels = torch.randn(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1])
+    ours = CFG(w)(toy, x, 700, labels).eps
+    guider = ClassifierFreeGuidance(guidance_scale=w)
+    guider.set_state(step=0, num_inference_steps=10, timestep=torch.tensor(700))
+    theirs = guider.forward(toy(x, 700, labels), toy(x, 700, toy.null_labels(labels))).pred
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_cfg_on_the_exact_mixture():
+    model = gmm.image(num_classes=3)
+    x, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    cond = NoGuidance()(model, x, 400, labels)
+    uncond = NoGuidance(conditional=False)(model, x, 400, labels)
+    assert torch.allclose(CFG(1.0)(model, x, 400, labels).eps, cond.eps)
+    assert torch.allclose(CFG(0.0)(model, x, 400, labels).eps, uncond.eps)
+    # The two-pass batched path at another scale is the same linear combination of the exact predictions.
+    assert torch.allclose(CFG(2.5)(model, x, 400, labels).eps, uncond.eps + 2.5 * (cond.eps - uncond.eps), atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), None])
+def test_cfg_rejects_non_finite_scale(scale):
+    with pytest.raises(UserError, match="finite scale"):
+        CFG(scale)
+
+
+def test_cfg_needs_a_null_class():
+    model = ToyDenoiser()
+    model.null_class = None
+    with pytest.raises(UserError, match="null class"):
+        CFG(2.0).start(model, torch.tensor([0]))

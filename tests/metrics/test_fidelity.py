@@ -1,0 +1,90 @@
+"""torch-fidelity scoring with the project's evaluator, checked against the metrics' formulas computed here."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffguide.data import fashion_mnist
+from diffguide.metrics import evaluator as evaluator_lib
+from diffguide.metrics.fidelity import FashionMNISTMetrics
+from diffguide.samples import SampleStore
+
+
+@torch.no_grad()
+def _features(model, images):
+    out = [model.features_and_logits(images[i:i + 1000]) for i in range(0, len(images), 1000)]
+    return torch.cat([f for f, _ in out]).double(), torch.cat([lg for _, lg in out]).double()
+
+
+def _fid(a, b):
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
+    # tr sqrt(A B) is the sum of the square roots of the eigenvalues of A B (real and >= 0 for PSD A, B).
+    eig = np.linalg.eigvals(cov_a @ cov_b).real.clip(min=0)
+    return float((mu_a - mu_b).pow(2).sum()) + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(eig).sum()
+
+
+def _within_kth_ball(queries, points, k=3):
+    radii = torch.cat([torch.cdist(points[i:i + 2000], points).kthvalue(k + 1, dim=1).values
+                       for i in range(0, len(points), 2000)])
+    return torch.cat([(torch.cdist(queries[i:i + 2000], points) <= radii).any(1)
+                      for i in range(0, len(queries), 2000)]).double().mean().item()
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, tiny_evaluator_path, fidelity_cache):
+    images, labels = fashion_mnist.load("test")
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:300]
+    store = SampleStore(tmp_path_factory.mktemp("scored"))
+    store.claim({"test": True})
+    wrong = labels[chosen].clone()
+    wrong[:60] = (wrong[:60] + 1) % 10  # a fifth of the samples "generated for" another class
+    for i, j in enumerate(chosen.tolist()):
+        store.write(i, images[j].permute(1, 2, 0).numpy(), {"seed": i, "label": int(wrong[i]), "nfe": 1})
+    metric = FashionMNISTMetrics(str(tiny_evaluator_path), isc_splits=1, kid_subset_size=100,
+                                 cache_root=str(fidelity_cache))
+    metric.check()
+    scores = metric(store.dir, wrong.tolist(), torch.device("cpu"))
+    return scores, images, chosen, wrong, evaluator_lib.load(tiny_evaluator_path)
+
+
+def test_fid_matches_its_formula(scored):
+    scores, images, chosen, _, model = scored
+    fake, _ = _features(model, images[chosen])
+    real, _ = _features(model, images)
+    assert scores["fid_fmnist"] == pytest.approx(_fid(fake, real), rel=1e-3, abs=1e-4)
+
+
+def test_inception_score_matches_its_formula(scored):
+    scores, images, chosen, _, model = scored
+    _, logits = _features(model, images[chosen])
+    p = logits.softmax(1)
+    expected = torch.exp((p * (p.log() - p.mean(0, keepdim=True).log())).sum(1).mean()).item()
+    assert scores["isc_fmnist"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_precision_recall_match_their_definition(scored):
+    scores, images, chosen, _, model = scored
+    fake, _ = _features(model, images[chosen])
+    real, _ = _features(model, images)
+    assert scores["precision_fmnist"] == pytest.approx(_within_kth_ball(fake.float(), real.float()), abs=1e-6)
+    assert scores["recall_fmnist"] == pytest.approx(_within_kth_ball(real.float(), fake.float()), abs=1e-6)
+    assert np.isfinite(scores["kid_fmnist"])
+
+
+def test_class_accuracy_counts_agreement_with_the_generated_label(scored):
+    scores, images, chosen, wrong, model = scored
+    predicted = model(images[chosen]).argmax(1)
+    assert scores["class_accuracy"] == pytest.approx((predicted == wrong).double().mean().item())
+
+
+def test_real_images_score_better_than_noise(scored, tmp_path, tiny_evaluator_path, fidelity_cache):
+    store = SampleStore(tmp_path)
+    store.claim({"noise": True})
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        store.write(i, rng.integers(0, 256, (28, 28, 1), dtype=np.uint8), {"seed": i, "label": i % 10, "nfe": 1})
+    metric = FashionMNISTMetrics(str(tiny_evaluator_path), isc_splits=1, kid_subset_size=100,
+                                 cache_root=str(fidelity_cache))
+    noise = metric(store.dir, [i % 10 for i in range(300)], torch.device("cpu"))
+    assert noise["fid_fmnist"] > 2 * scored[0]["fid_fmnist"]

@@ -1,0 +1,31 @@
+"""Every mistake a user can make on the command line: one clear line, a non-zero exit, nothing sampled."""
+
+import pytest
+
+from tests.conftest import run_cli
+
+CASES = [
+    (["steps=-5"], "steps must be >= 1"),
+    (["num_samples=0"], "num_samples must be >= 1"),
+    (["scale=nan"], "scale must be a finite number"),
+    (["steps=abc"], "could not be converted to Integer"),
+    (["precision=fp64"], "Invalid value 'fp64'"),
+    (["guidance=nonexistent"], "Could not find 'guidance/nonexistent'"),
+    (["scael=2"], "scael"),
+    (["model.weights=/nowhere/unet.safetensors"], "weights file not found: /nowhere/unet.safetensors"),
+    (["metric.evaluator=/nowhere/e.safetensors"], "weights file not found: /nowhere/e.safetensors"),
+    (["device=cuda:3"], "no CUDA GPU"),
+    (["sampler.spacing=sideways"], "spacing 'sideways'"),
+    (["steps=5000"], "exceeds the model's 1000 training timesteps"),
+]
+
+
+@pytest.mark.parametrize("args, message", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_user_error_is_one_clear_line(tmp_path, args, message):
+    proc = run_cli("diffguide.run", *args, "logger=none", f"out_dir={tmp_path / 'out'}", timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    if "diffguide: error:" in proc.stderr:
+        assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
+    assert not (tmp_path / "out" / "samples").exists()

@@ -1,0 +1,77 @@
+"""The run pipeline on a tiny UNet: per-sample seeds, resumption, what it writes."""
+
+import csv
+import json
+
+import pytest
+
+from diffguide.errors import UserError
+
+
+def _pngs(out_dir):
+    return {p.name: p.read_bytes() for p in sorted((out_dir / "samples").glob("*.png"))}
+
+
+def test_images_do_not_depend_on_batch_size(run_diffguide, tmp_path):
+    """DDPM draws fresh noise every step and CFG doubles the batch: still byte-identical PNGs at batch 1 and 7."""
+    args = ("sampler=ddpm", "guidance=cfg", "scale=2.5", "num_samples=7")
+    run_diffguide(tmp_path / "b1", *args, "batch_size=1")
+    run_diffguide(tmp_path / "b7", *args, "batch_size=7")
+    one, seven = _pngs(tmp_path / "b1"), _pngs(tmp_path / "b7")
+    assert len(one) == 7 and one == seven
+    assert len(set(one.values())) == 7, "each sample must have its own seed"
+
+
+def test_resume_makes_only_the_missing_samples(run_diffguide, tmp_path):
+    out = tmp_path / "run"
+    first = run_diffguide(out, "num_samples=10", "sampler=ddpm")
+    reference = _pngs(out)
+    for index in (0, 4, 9):
+        (out / "samples" / f"{index:06d}.png").unlink()
+    (out / "samples" / ".000004.png.abc.tmp").write_bytes(b"half a png")  # as a killed run leaves it
+    second = run_diffguide(out, "num_samples=10", "sampler=ddpm")
+    assert first["images_generated"] == 10 and second["images_generated"] == 3
+    assert _pngs(out) == reference
+    assert not list((out / "samples").glob(".*.tmp"))
+    # Growing the run keeps the first ten and adds the rest.
+    third = run_diffguide(out, "num_samples=12", "sampler=ddpm")
+    assert third["images_generated"] == 2 and {k: v for k, v in _pngs(out).items() if k in reference} == reference
+
+
+def test_resume_refuses_samples_made_with_other_settings(run_diffguide, tmp_path):
+    out = tmp_path / "run"
+    run_diffguide(out, "guidance=cfg", "scale=2.0")
+    with pytest.raises(UserError, match="guidance"):
+        run_diffguide(out, "guidance=cfg", "scale=3.0")
+    # Batch size and device split do not change the images: those may differ.
+    assert run_diffguide(out, "guidance=cfg", "scale=2.0", "batch_size=1")["images_generated"] == 0
+
+
+@pytest.mark.parametrize("guidance, scale, nfe_per_step", [("none", 1.0, 1), ("cfg", 2.0, 2), ("cfg", 1.0, 1),
+                                                           ("cfgpp", 0.6, 2)])
+def test_metrics_json_and_labels(run_diffguide, tmp_path, guidance, scale, nfe_per_step):
+    out = tmp_path / "run"
+    result = run_diffguide(out, f"guidance={guidance}", f"scale={scale}", "steps=4", "num_samples=12")
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["nfe"] == result["nfe"] == 4 * nfe_per_step
+    assert on_disk["num_samples"] == 12 and on_disk["config"]["guidance"]["_target_"].startswith("diffguide")
+    rows = list(csv.DictReader((out / "labels.csv").open()))
+    assert [int(r["label"]) for r in rows] == [i % 10 for i in range(12)]
+    assert [int(r["seed"]) for r in rows] == list(range(12))
+    assert (out / "grid.png").is_file() and (out / "config.resolved.yaml").is_file()
+
+
+def test_the_scale_shortcut_reaches_the_guidance_and_null_means_its_default(tmp_path):
+    from tests.conftest import compose_run_config
+
+    assert compose_run_config(["guidance=cfgpp"], tmp_path).guidance.scale == 0.6
+    assert compose_run_config(["guidance=cfg"], tmp_path).guidance.scale == 2.0
+    assert compose_run_config(["guidance=cfg", "scale=4.5"], tmp_path).guidance.scale == 4.5
+    assert compose_run_config(["steps=7", "sampler=dpmpp_2m"], tmp_path).sampler.steps == 7
+
+
+def test_written_files_are_readable_by_others(run_diffguide, tmp_path):
+    out = tmp_path / "run"
+    run_diffguide(out)
+    for path in (out / "samples" / "000000.png", out / "metrics.json", out / "grid.png"):
+        assert path.stat().st_mode & 0o044 == 0o044, path
