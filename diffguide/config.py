@@ -46,8 +46,18 @@ def _first_not_null(*values):
     return next((v for v in values if v is not None), None)
 
 
+def job_dirname(overrides, exclude) -> str:
+    """A sweep job's folder name from its own overrides, like Hydra's override_dirname, but leaving out the keys
+    that do not change the images (paths, device, batch size, sample count: a sweep can be extended in place) and
+    with no path separators, so every job is one folder under the sweep dir."""
+    exclude = set(exclude or ())
+    kept = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in exclude)
+    return ",".join(o.replace("/", "_") for o in kept) or "defaults"
+
+
 def register() -> None:
     """Resolvers and schemas; safe to call more than once."""
     OmegaConf.register_new_resolver("dg.asset", asset_path, replace=True)
     OmegaConf.register_new_resolver("dg.or", _first_not_null, replace=True)
+    OmegaConf.register_new_resolver("dg.job_dirname", job_dirname, replace=True)
     ConfigStore.instance().store(name="run_schema", node=RunConfig)

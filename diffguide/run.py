@@ -75,17 +75,22 @@ def generate(cfg, denoiser, sampler, guidance, store: SampleStore, device, logge
     done = 0
     with tqdm(total=len(batches) * steps, desc=f"sampling {len(missing)} of {cfg.num_samples}", unit="step",
               disable=not batches, file=sys.stderr) as bar:
+
+        def on_step(step: int, total: int) -> None:
+            bar.update(1)
+            logger.progress({"step": bar.n, "batch_step": step, "elapsed_s": time.perf_counter() - start})
+
         for indices in batches:
             x_T, generators = initial_noise(indices, cfg.seed, denoiser.sample_shape, device)
             labels = labels_for(indices, denoiser.num_classes).to(device)
-            x0, nfe = sampler.sample(denoiser, guidance, x_T, labels, generators,
-                                     on_step=lambda i, n: bar.update(1))
+            x0, nfe = sampler.sample(denoiser, guidance, x_T, labels, generators, on_step=on_step)
             pixels = to_uint8(denoiser.decode(x0))
             for index, image, label in zip(indices, pixels, labels.tolist()):
                 store.write(index, image, {"seed": cfg.seed + index, "label": label, "nfe": nfe})
             done += len(indices)
             elapsed = time.perf_counter() - start
-            logger.progress({"images": cfg.num_samples - len(missing) + done, "images_per_s": done / elapsed})
+            logger.progress({"step": bar.n, "images": cfg.num_samples - len(missing) + done,
+                             "images_per_s": done / elapsed})
     wall = time.perf_counter() - start
     return {"images_generated": done, "sampling_wall_s": round(wall, 3),
             "images_per_s": round(done / wall, 3) if done else None}

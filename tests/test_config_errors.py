@@ -29,3 +29,21 @@ def test_user_error_is_one_clear_line(tmp_path, args, message):
     if "diffguide: error:" in proc.stderr:
         assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
     assert not (tmp_path / "out" / "samples").exists()
+
+
+def test_missing_dataset_names_both_ways_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFGUIDE_FMNIST_DIR", str(tmp_path / "empty"))
+    proc = run_cli("diffguide.run", "logger=none", f"out_dir={tmp_path / 'out'}")
+    assert proc.returncode != 0
+    [line] = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Fashion-MNIST not found" in line and "apt-get install dataset-fashion-mnist" in line
+    assert "python -m diffguide.data.fashion_mnist --download" in line
+
+
+def test_sweep_job_folder_names():
+    from diffguide.config import job_dirname
+
+    assert job_dirname(["scale=2", "guidance=cfg", "model.weights=/a/b.safetensors", "num_samples=50"],
+                       ["model.weights", "num_samples"]) == "guidance=cfg,scale=2"
+    assert job_dirname(["classifier.path=/x/y"], []) == "classifier.path=_x_y"
+    assert job_dirname([], []) == "defaults"

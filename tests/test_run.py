@@ -75,3 +75,17 @@ def test_written_files_are_readable_by_others(run_diffguide, tmp_path):
     run_diffguide(out)
     for path in (out / "samples" / "000000.png", out / "metrics.json", out / "grid.png"):
         assert path.stat().st_mode & 0o044 == 0o044, path
+
+
+def test_multirun_sweep_writes_one_folder_per_job(tiny_unet_path, tmp_path):
+    from tests.conftest import run_cli
+
+    sweep = tmp_path / "sweep"
+    proc = run_cli("diffguide.run", "-m", "guidance=cfg,cfgpp", "scale=0.5,1.5", f"model.weights={tiny_unet_path}",
+                   "metric=none", "logger=none", "steps=2", "num_samples=3", f"out_dir={sweep}")
+    assert proc.returncode == 0, proc.stderr
+    jobs = sorted(p.parent.name for p in sweep.glob("*/metrics.json"))
+    assert jobs == ["guidance=cfg,scale=0.5,steps=2", "guidance=cfg,scale=1.5,steps=2",
+                    "guidance=cfgpp,scale=0.5,steps=2", "guidance=cfgpp,scale=1.5,steps=2"]
+    scales = {json.loads((sweep / job / "metrics.json").read_text())["config"]["guidance"]["scale"] for job in jobs}
+    assert scales == {0.5, 1.5}

@@ -20,9 +20,10 @@ _FILES = {
 
 
 def search_dirs() -> list[Path]:
-    dirs = [Path(os.environ["DIFFGUIDE_FMNIST_DIR"])] if os.environ.get("DIFFGUIDE_FMNIST_DIR") else []
-    # torchvision's download lands in <root>/FashionMNIST/raw.
-    return dirs + [DEBIAN_DIR, DOWNLOAD_DIR / "FashionMNIST" / "raw"]
+    """DIFFGUIDE_FMNIST_DIR alone where it is set; else Debian's package, then torchvision's download folder."""
+    if os.environ.get("DIFFGUIDE_FMNIST_DIR"):
+        return [Path(os.environ["DIFFGUIDE_FMNIST_DIR"])]
+    return [DEBIAN_DIR, DOWNLOAD_DIR / "FashionMNIST" / "raw"]
 
 
 def _find(name: str) -> Path | None:
