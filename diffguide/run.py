@@ -85,8 +85,9 @@ def generate(cfg, denoiser, sampler, guidance, store: SampleStore, device, logge
             labels = labels_for(indices, denoiser.num_classes).to(device)
             x0, nfe = sampler.sample(denoiser, guidance, x_T, labels, generators, on_step=on_step)
             pixels = to_uint8(denoiser.decode(x0))
-            for index, image, label in zip(indices, pixels, labels.tolist()):
-                store.write(index, image, {"seed": cfg.seed + index, "label": label, "nfe": nfe})
+            nfe_each = nfe.tolist() if torch.is_tensor(nfe) else [float(nfe)] * len(indices)
+            for index, image, label, sample_nfe in zip(indices, pixels, labels.tolist(), nfe_each):
+                store.write(index, image, {"seed": cfg.seed + index, "label": label, "nfe": sample_nfe})
             done += len(indices)
             elapsed = time.perf_counter() - start
             logger.progress({"step": bar.n, "images": cfg.num_samples - len(missing) + done,

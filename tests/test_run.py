@@ -89,3 +89,12 @@ def test_multirun_sweep_writes_one_folder_per_job(tiny_unet_path, tmp_path):
                     "guidance=cfgpp,scale=0.5,steps=2", "guidance=cfgpp,scale=1.5,steps=2"]
     scales = {json.loads((sweep / job / "metrics.json").read_text())["config"]["guidance"]["scale"] for job in jobs}
     assert scales == {0.5, 1.5}
+
+
+def test_per_sample_network_evaluations_reach_labels_and_metrics(run_diffguide, tmp_path):
+    out = tmp_path / "run"
+    result = run_diffguide(out, "guidance=adaptive", "guidance.gamma=0.5", "steps=6", "num_samples=5")
+    rows = list(csv.DictReader((out / "labels.csv").open()))
+    per_sample = [float(r["nfe"]) for r in rows]
+    assert all(7 <= n <= 12 for n in per_sample)
+    assert result["nfe"] == pytest.approx(sum(per_sample) / 5)

@@ -16,14 +16,15 @@ class GuidedPrediction:
     x0:  the data estimate the update moves towards (the guided x0).
     eps: the noise direction used to re-noise to the next level. For most methods it is the eps consistent with x0
          at x_t, i.e. (x_t - sqrt(a_t) x0) / sqrt(1 - a_t); CFG++ re-noises with the unconditional eps instead.
-    nfe: network evaluations per sample spent on this prediction (2 for CFG: cond and uncond, even when batched).
+    nfe: network evaluations per sample spent on this prediction (2 for CFG: cond and uncond, even when batched);
+         a float, or a (batch,) tensor for methods whose cost differs between samples.
     consistent: True when eps is the one consistent with x0 at x_t; a sampler that clips x0 then re-derives eps
          from the clipped x0 (as guided-diffusion does). CFG++ sets it False: its re-noising eps stays eps_u.
     """
 
     x0: torch.Tensor
     eps: torch.Tensor
-    nfe: float
+    nfe: float | torch.Tensor
     consistent: bool = True
 
 

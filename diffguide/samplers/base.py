@@ -56,8 +56,9 @@ class Sampler:
     @torch.no_grad()
     def sample(self, denoiser: Denoiser, guidance: Guidance, x_T: torch.Tensor, labels: torch.Tensor,
                generators: Sequence[torch.Generator] | None = None,
-               on_step: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, float]:
-        """Integrate from x_T down to the data; returns (x0, network evaluations per sample).
+               on_step: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, float | torch.Tensor]:
+        """Integrate from x_T down to the data; returns (x0, network evaluations per sample: a float, or a (batch,)
+        tensor where the guidance spends different amounts on different samples).
 
         Stochastic samplers draw each sample's fresh noise from its own generator, so that a sample does not depend
         on which batch it ran in.
