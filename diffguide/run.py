@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,13 +33,11 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"scale must be a finite number (got {cfg.scale})")
 
 
-def _instantiate(node, what: str):
+def _instantiate(node):
+    """hydra.utils.instantiate, with a UserError raised inside a target surfaced as it is (Hydra wraps it)."""
     try:
         return instantiate(node)
-    except UserError:
-        raise
     except Exception as exc:
-        # Hydra wraps a target's own exception; surface a UserError raised inside a target as it is.
         cause = exc
         while cause is not None and not isinstance(cause, UserError):
             cause = cause.__cause__
@@ -60,11 +57,9 @@ def fingerprint(cfg: DictConfig) -> dict:
 
 
 def job_identity(out_dir: Path) -> tuple[str, str | None]:
-    """A name for the job and, in a sweep, the group it belongs to."""
+    """A name for the job (its folder's) and, in a sweep, the group it belongs to (the sweep folder's name)."""
     hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:
-        return hc.job.override_dirname or str(hc.job.num), Path(hc.sweep.dir).name
-    return out_dir.name, None
+    return out_dir.name, Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
 
 
 def generate(cfg, denoiser, sampler, guidance, store: SampleStore, device, logger) -> dict:
@@ -84,6 +79,10 @@ def generate(cfg, denoiser, sampler, guidance, store: SampleStore, device, logge
             x_T, generators = initial_noise(indices, cfg.seed, denoiser.sample_shape, device)
             labels = labels_for(indices, denoiser.num_classes).to(device)
             x0, nfe = sampler.sample(denoiser, guidance, x_T, labels, generators, on_step=on_step)
+            if not torch.isfinite(x0).all():
+                bad = [i for i, ok in zip(indices, torch.isfinite(x0).flatten(1).all(1).tolist()) if not ok]
+                raise UserError(f"sampling diverged to NaN/inf for {len(bad)} of {len(indices)} samples (first: "
+                                f"{bad[0]}); the guidance scale is likely too large. Nothing of this batch was written")
             pixels = to_uint8(denoiser.decode(x0))
             nfe_each = nfe.tolist() if torch.is_tensor(nfe) else [float(nfe)] * len(indices)
             for index, image, label, sample_nfe in zip(indices, pixels, labels.tolist(), nfe_each):
@@ -105,15 +104,15 @@ def run(cfg: DictConfig) -> dict:
     dtype = resolve_precision(cfg.precision.value if hasattr(cfg.precision, "value") else cfg.precision)
 
     # Build and check everything before any long work: a bad config or a missing file fails here.
-    denoiser = _instantiate(cfg.model, "model").to(device)
+    denoiser = _instantiate(cfg.model).to(device)
     denoiser.set_precision(dtype)
-    sampler = _instantiate(cfg.sampler, "sampler")
+    sampler = _instantiate(cfg.sampler)
     sampler.check(denoiser)
-    guidance = _instantiate(cfg.guidance, "guidance")
+    guidance = _instantiate(cfg.guidance)
     guidance.start(denoiser, labels_for([0], denoiser.num_classes))
-    metric = _instantiate(cfg.metric, "metric")
+    metric = _instantiate(cfg.metric)
     metric.check()
-    logger = _instantiate(cfg.logger, "logger")
+    logger = _instantiate(cfg.logger)
     store = SampleStore(out_dir)
     store.claim(fingerprint(cfg))
 

@@ -98,3 +98,10 @@ def test_per_sample_network_evaluations_reach_labels_and_metrics(run_diffguide, 
     per_sample = [float(r["nfe"]) for r in rows]
     assert all(7 <= n <= 12 for n in per_sample)
     assert result["nfe"] == pytest.approx(sum(per_sample) / 5)
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_writes_no_garbage(run_diffguide, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="diverged to NaN/inf"):
+        run_diffguide(out, "guidance=cfg", "scale=1e38", "precision=fp32")
+    assert not list((out / "samples").glob("*.png"))
