@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from diffguide import checkpoint
+from diffguide.classifiers import noisy as noisy_lib
 from diffguide.config import CONF_DIR, register
 from diffguide.data import fashion_mnist
 from diffguide.errors import UserError
@@ -169,6 +170,61 @@ def train_evaluator(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor,
     return model, stats
 
 
+def train_noisy_classifier(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                           test: tuple[torch.Tensor, torch.Tensor] | None = None, log=print):
+    """p(y | x_t, t) on the forward process of the model it will guide (the same noise schedule)."""
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    alphas = DDPMScheduler.from_config(OmegaConf.to_container(cfg.scheduler)).alphas_cumprod.float()
+    model = noisy_lib.NoisyClassifier(images.shape[1], list(cfg.channels), cfg.num_classes).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    dtype = resolve_precision(cfg.precision)
+
+    def noisy(x0, t, noise):
+        a = alphas[t].view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    x_all = to_model_range(images)
+    losses, start = [], time.time()
+    model.train()
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=generator)
+        t = torch.randint(0, len(alphas), (cfg.batch_size,), generator=generator)
+        x_t = noisy(x_all[idx], t, torch.randn(x_all[idx].shape, generator=generator))
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model.logits(x_t.to(device), t.to(device))
+        loss = F.cross_entropy(logits.float(), labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            log(f"step {step + 1}/{cfg.steps} loss {sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]):.4f} "
+                f"{time.time() - start:.0f}s")
+    model.eval()
+    tail = losses[-min(len(losses), 100):]
+    stats = {"steps": cfg.steps, "final_loss": sum(tail) / len(tail), "first_loss": losses[0],
+             "wall_time_s": round(time.time() - start, 1), "hardware": _hardware(device),
+             "parameters": sum(p.numel() for p in model.parameters())}
+    if test is not None:
+        test_x0, test_labels = to_model_range(test[0]), test[1]
+        noise = torch.randn(test_x0.shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for t_eval in (0, 250, 500, 750, 999):
+                t_batch = torch.full((len(test_x0),), t_eval)
+                predicted = torch.cat([model.logits(noisy(test_x0[i:i + 1000], t_batch[i:i + 1000],
+                                                          noise[i:i + 1000]).to(device),
+                                                    t_batch[i:i + 1000].to(device)).argmax(1).cpu()
+                                       for i in range(0, len(test_x0), 1000)])
+                stats[f"test_accuracy_t{t_eval}"] = (predicted == test_labels).double().mean().item()
+    noisy_lib.save(model, Path(cfg.out), extra={"training": stats, "scheduler": OmegaConf.to_container(cfg.scheduler)})
+    return model, stats
+
+
 def write_card(cfg: DictConfig, stats: dict) -> Path:
     """A model card beside the weights: what was trained, how, on what, and how it ended."""
     out = Path(cfg.out)
@@ -197,6 +253,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     if tcfg.kind == "unet":
         _, stats = train_unet(tcfg, images, labels, device)
+    elif tcfg.kind == "noisy_classifier":
+        _, stats = train_noisy_classifier(tcfg, images, labels, device, test=fashion_mnist.load("test"))
     else:
         _, stats = train_evaluator(tcfg, images, labels, device, test=fashion_mnist.load("test"))
     print(json.dumps(stats))

@@ -60,3 +60,22 @@ def test_train_entrypoint_writes_weights_and_card(tmp_path):
     card = out.with_suffix(".md").read_text()
     assert "steps: 2" in card and '"final_loss"' in card
     assert unet_lib.load(out).num_classes == 10
+
+
+def test_noisy_classifier_training_lowers_the_loss_and_reloads(tmp_path):
+    from diffguide.classifiers import noisy as noisy_lib
+    from diffguide.train import train_noisy_classifier
+
+    cfg = OmegaConf.create(dict(seed=0, steps=200, batch_size=64, lr=3e-3, warmup_steps=1, weight_decay=0.0,
+                                log_every=1, precision="fp32", out=str(tmp_path / "n.safetensors"), num_classes=4,
+                                channels=[8, 16], scheduler=SCHEDULE))
+    images, labels = _toy_images()
+    model, stats = train_noisy_classifier(cfg, images, labels, torch.device("cpu"), test=(images, labels),
+                                          log=lambda *_: None)
+    # Averaged over all noise levels the loss cannot fall far (at t near 999 nothing is left to classify);
+    # at t = 0 the classes must be told apart.
+    assert stats["final_loss"] < stats["first_loss"] * 0.9
+    assert stats["test_accuracy_t0"] > 0.5 and stats["test_accuracy_t999"] < 0.6  # chance: 0.25
+    reloaded = noisy_lib.load(cfg.out)
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.allclose(reloaded.log_prob(x, 100), model.log_prob(x, 100), atol=1e-2)
