@@ -127,7 +127,8 @@ def run(cfg: DictConfig) -> dict:
         grid = store.write_grid(cfg.grid_size)
         score_start = time.perf_counter()
         scores = metric(store.dir, [m["label"] for m in metas], device)
-        result = {**scores, "nfe": sum(m["nfe"] for m in metas) / len(metas), "num_samples": cfg.num_samples,
+        result = {"guidance": guidance.name, "scale": guidance.scale, "sampler": sampler.name, "steps": cfg.steps,
+                  **scores, "nfe": sum(m["nfe"] for m in metas) / len(metas), "num_samples": cfg.num_samples,
                   **sampling, "scoring_wall_s": round(time.perf_counter() - score_start, 3),
                   "wall_time_s": round(time.perf_counter() - total_start, 3), "device": str(device),
                   "config": resolved}
