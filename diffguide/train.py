@@ -132,26 +132,22 @@ def accuracy(model: evaluator_lib.Evaluator, images: torch.Tensor, labels: torch
     return correct / len(images)
 
 
-def train_evaluator(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                    test: tuple[torch.Tensor, torch.Tensor] | None = None, log=print):
-    torch.manual_seed(cfg.seed)
+def _train_classifier(cfg: DictConfig, model: torch.nn.Module, device: torch.device, draw_batch, forward,
+                      log=print) -> dict:
+    """The cross-entropy loop both classifiers share: `draw_batch(generator)` gives (inputs, labels) on the CPU,
+    `forward(*inputs)` the logits. Returns the training stats."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    model = evaluator_lib.Evaluator(cfg.timm_model, cfg.num_classes,
-                                    timm_kwargs=OmegaConf.to_container(cfg.timm_kwargs) if cfg.get("timm_kwargs") else None
-                                    ).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     dtype = resolve_precision(cfg.precision)
-    x_all = images.float() / 255
     losses, start = [], time.time()
     model.train()
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg.steps, cfg.lr, cfg.warmup_steps)
-        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=generator)
-        batch = _augment(x_all[idx], generator).to(device)
+        inputs, targets = draw_batch(generator)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(batch)
-        loss = F.cross_entropy(logits.float(), labels[idx].to(device))
+            logits = forward(*(x.to(device) for x in inputs))
+        loss = F.cross_entropy(logits.float(), targets.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -161,9 +157,23 @@ def train_evaluator(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor,
                 f"{time.time() - start:.0f}s")
     model.eval()
     tail = losses[-min(len(losses), 100):]
-    stats = {"steps": cfg.steps, "final_loss": sum(tail) / len(tail), "first_loss": losses[0],
-             "wall_time_s": round(time.time() - start, 1), "hardware": _hardware(device),
-             "parameters": sum(p.numel() for p in model.parameters())}
+    return {"steps": cfg.steps, "final_loss": sum(tail) / len(tail), "first_loss": losses[0],
+            "wall_time_s": round(time.time() - start, 1), "hardware": _hardware(device),
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def train_evaluator(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                    test: tuple[torch.Tensor, torch.Tensor] | None = None, log=print):
+    torch.manual_seed(cfg.seed)
+    timm_kwargs = OmegaConf.to_container(cfg.timm_kwargs) if cfg.get("timm_kwargs") else None
+    model = evaluator_lib.Evaluator(cfg.timm_model, cfg.num_classes, timm_kwargs=timm_kwargs).to(device)
+    x_all = images.float() / 255
+
+    def draw_batch(generator):
+        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=generator)
+        return (_augment(x_all[idx], generator),), labels[idx]
+
+    stats = _train_classifier(cfg, model, device, draw_batch, model, log)
     if test is not None:
         stats["test_accuracy"] = accuracy(model, *test, device)
     evaluator_lib.save(model, Path(cfg.out), extra={"training": stats})
@@ -176,40 +186,21 @@ def train_noisy_classifier(cfg: DictConfig, images: torch.Tensor, labels: torch.
     from diffusers import DDPMScheduler
 
     torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
     alphas = DDPMScheduler.from_config(OmegaConf.to_container(cfg.scheduler)).alphas_cumprod.float()
     model = noisy_lib.NoisyClassifier(images.shape[1], list(cfg.channels), cfg.num_classes).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    dtype = resolve_precision(cfg.precision)
 
     def noisy(x0, t, noise):
         a = alphas[t].view(-1, 1, 1, 1)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     x_all = to_model_range(images)
-    losses, start = [], time.time()
-    model.train()
-    for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+
+    def draw_batch(generator):
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=generator)
         t = torch.randint(0, len(alphas), (cfg.batch_size,), generator=generator)
-        x_t = noisy(x_all[idx], t, torch.randn(x_all[idx].shape, generator=generator))
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model.logits(x_t.to(device), t.to(device))
-        loss = F.cross_entropy(logits.float(), labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            log(f"step {step + 1}/{cfg.steps} loss {sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]):.4f} "
-                f"{time.time() - start:.0f}s")
-    model.eval()
-    tail = losses[-min(len(losses), 100):]
-    stats = {"steps": cfg.steps, "final_loss": sum(tail) / len(tail), "first_loss": losses[0],
-             "wall_time_s": round(time.time() - start, 1), "hardware": _hardware(device),
-             "parameters": sum(p.numel() for p in model.parameters())}
+        return (noisy(x_all[idx], t, torch.randn(x_all[idx].shape, generator=generator)), t), labels[idx]
+
+    stats = _train_classifier(cfg, model, device, draw_batch, model.logits, log)
     if test is not None:
         test_x0, test_labels = to_model_range(test[0]), test[1]
         noise = torch.randn(test_x0.shape, generator=torch.Generator().manual_seed(0))
