@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from diffguide.errors import UserError
 
@@ -43,19 +43,10 @@ def save(path: Path, state_dict: dict[str, torch.Tensor], kind: str, config: dic
          storage_dtype: torch.dtype | None = torch.float16) -> None:
     """Float tensors are stored in `storage_dtype` (fp16: half the size; loading copies them into the network's own
     float32 parameters). Integer buffers keep their dtype."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        tensors = {k: (v.to(storage_dtype) if storage_dtype is not None and v.is_floating_point() else v)
-                   .detach().contiguous().cpu() for k, v in state_dict.items()}
-        save_file(tensors, tmp, metadata={"kind": kind, "config": json.dumps(config, sort_keys=True)})
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {k: (v.to(storage_dtype) if storage_dtype is not None and v.is_floating_point() else v)
+               .detach().contiguous().cpu() for k, v in state_dict.items()}
+    metadata = {"kind": kind, "config": json.dumps(config, sort_keys=True)}
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 
 def load(path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -58,6 +58,13 @@ class Guidance:
         return float(scale)
 
     @staticmethod
+    def check_classes(classifier, denoiser: Denoiser) -> None:
+        """A guiding classifier must know the model's classes (any classes do for an unconditional model)."""
+        if denoiser.num_classes and classifier.num_classes != denoiser.num_classes:
+            raise UserError(f"the classifier knows {classifier.num_classes} classes, the model "
+                            f"{denoiser.num_classes}")
+
+    @staticmethod
     def require_null_class(name: str, denoiser: Denoiser) -> None:
         if denoiser.null_class is None:
             raise UserError(f"guidance={name} needs a model with a null class (unconditional prediction); "

@@ -20,16 +20,11 @@ class ClassifierGuidance(Guidance):
         self.conditional_model = conditional_model
 
     def start(self, denoiser, labels):
-        if self.classifier.num_classes != denoiser.num_classes and denoiser.num_classes:
-            raise UserError(f"the classifier knows {self.classifier.num_classes} classes, the model "
-                            f"{denoiser.num_classes}")
+        self.check_classes(self.classifier, denoiser)
         self.classifier.to(denoiser.device)
 
     def __call__(self, denoiser, x, t, labels):
-        if self.conditional_model:
-            condition = labels
-        else:
-            condition = denoiser.null_labels(labels) if denoiser.null_class is not None else None
+        condition = denoiser.condition(labels, self.conditional_model)
         eps = denoiser(x, t, condition)
         if self.scale != 0.0:
             grad = self.classifier.grad_log_prob(x, t, labels)

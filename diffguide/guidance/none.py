@@ -10,8 +10,5 @@ class NoGuidance(Guidance):
         self.conditional = conditional
 
     def __call__(self, denoiser, x, t, labels):
-        if self.conditional and denoiser.num_classes:
-            condition = labels
-        else:
-            condition = denoiser.null_labels(labels) if denoiser.null_class is not None else None
+        condition = denoiser.condition(labels, self.conditional)
         return self.from_eps(denoiser, x, t, denoiser(x, t, condition), nfe=1)

@@ -44,9 +44,7 @@ class OffTheShelfGuidance(Guidance):
         self.schedule, self.gamma, self.conditional_model = schedule, float(gamma), conditional_model
 
     def start(self, denoiser, labels):
-        if denoiser.num_classes and self.classifier.num_classes != denoiser.num_classes:
-            raise UserError(f"the classifier knows {self.classifier.num_classes} classes, the model "
-                            f"{denoiser.num_classes}")
+        self.check_classes(self.classifier, denoiser)
         self.classifier.to(denoiser.device)
         a = denoiser.alphas_cumprod.double()
         a_prev = torch.cat([a.new_ones(1), a[:-1]])
@@ -65,10 +63,7 @@ class OffTheShelfGuidance(Guidance):
         return self.scale * (1 + boost)
 
     def __call__(self, denoiser, x, t, labels):
-        if self.conditional_model:
-            condition = labels
-        else:
-            condition = denoiser.null_labels(labels) if denoiser.null_class is not None else None
+        condition = denoiser.condition(labels, self.conditional_model)
         with torch.enable_grad():
             if self.through_denoiser:
                 x_in = x.detach().requires_grad_(True)

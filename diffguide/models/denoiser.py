@@ -58,6 +58,12 @@ class Denoiser(nn.Module):
         eps = self(torch.cat([x] * len(label_sets)), t, torch.cat(list(label_sets)))
         return list(eps.chunk(len(label_sets)))
 
+    def condition(self, labels: torch.Tensor, conditional: bool) -> torch.Tensor | None:
+        """The labels to predict with: the class labels, or the null class (None for an unconditional network)."""
+        if conditional and self.num_classes:
+            return labels
+        return self.null_labels(labels) if self.null_class is not None else None
+
     def null_labels(self, labels: torch.Tensor) -> torch.Tensor:
         if self.null_class is None:
             raise ValueError("this model has no null class: it cannot give an unconditional prediction")
