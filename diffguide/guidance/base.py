@@ -2,6 +2,7 @@
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -20,12 +21,15 @@ class GuidedPrediction:
          a float, or a (batch,) tensor for methods whose cost differs between samples.
     consistent: True when eps is the one consistent with x0 at x_t; a sampler that clips x0 then re-derives eps
          from the clipped x0 (as guided-diffusion does). CFG++ sets it False: its re-noising eps stays eps_u.
+    x0_offset: a move of x0 made after the sampler's clipping of x0 to the data range, so that the clipping cannot
+         cut it (TFG's mean and variance guidance: its reference code clips the unguided x0, then adds them).
     """
 
     x0: torch.Tensor
     eps: torch.Tensor
     nfe: float | torch.Tensor
     consistent: bool = True
+    x0_offset: torch.Tensor | None = None
 
 
 class Guidance:
@@ -38,9 +42,20 @@ class Guidance:
     name = "guidance"
     #: The scale in the method's own paper convention; None for methods without one.
     scale: float | None = None
+    #: Self-recurrence (Universal Guidance, TFG): the sampler takes each step this many times, re-noising the result
+    #: back to the step's noise level in between (x_t = sqrt(a_t / a_next) x_next + sqrt(1 - a_t / a_next) z).
+    recurrence: int = 1
 
     def start(self, denoiser: Denoiser, labels: torch.Tensor) -> None:
         pass
+
+    def begin(self, denoiser: Denoiser, labels: torch.Tensor, timesteps: list[int],
+              noise: Callable[[], torch.Tensor] | None = None) -> None:
+        """Called by the sampler before a trajectory batch: the descending timesteps it will visit (methods whose
+        step sizes are normalised over the trajectory need them) and its per-sample noise source (for methods that
+        draw noise: it keeps every sample independent of the batch it ran in)."""
+        self.timesteps, self.noise = list(timesteps), noise
+        self.start(denoiser, labels)
 
     def __call__(self, denoiser: Denoiser, x: torch.Tensor, t: int, labels: torch.Tensor) -> GuidedPrediction:
         raise NotImplementedError

@@ -39,12 +39,16 @@ class Sampler:
         return [int(t) for t in scheduler.timesteps]
 
     def _finalize(self, denoiser: Denoiser, x: torch.Tensor, t: int, pred: GuidedPrediction) -> GuidedPrediction:
-        """Clip x0 to the model's data range where asked (pixel models), keeping eps consistent with it."""
-        if not self.clip_x0 or denoiser.data_range is None:
-            return pred
-        x0 = pred.x0.clamp(*denoiser.data_range)
-        eps = denoiser.eps_from_x0(x, t, x0) if pred.consistent else pred.eps
-        return GuidedPrediction(x0, eps, pred.nfe, pred.consistent)
+        """Clip x0 to the model's data range where asked (pixel models), keeping eps consistent with it; then add
+        the guidance's x0_offset, which clipping must not cut."""
+        x0, eps = pred.x0, pred.eps
+        if self.clip_x0 and denoiser.data_range is not None:
+            x0 = x0.clamp(*denoiser.data_range)
+            if pred.consistent:
+                eps = denoiser.eps_from_x0(x, t, x0)
+        if pred.x0_offset is not None:
+            x0 = x0 + pred.x0_offset
+        return GuidedPrediction(x0, eps, pred.nfe, pred.consistent and pred.x0_offset is None)
 
     def update(self, denoiser: Denoiser, x: torch.Tensor, t: int, t_next: int, pred: GuidedPrediction,
                noise: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -52,6 +56,16 @@ class Sampler:
 
     def reset(self) -> None:
         """Forget multistep history before a new trajectory."""
+
+    #: attributes holding a multistep sampler's history (saved and restored around a self-recurrence)
+    history_keys: tuple[str, ...] = ()
+
+    def history(self) -> dict:
+        return {key: getattr(self, key) for key in self.history_keys}
+
+    def restore(self, history: dict) -> None:
+        for key, value in history.items():
+            setattr(self, key, value)
 
     @torch.no_grad()
     def sample(self, denoiser: Denoiser, guidance: Guidance, x_T: torch.Tensor, labels: torch.Tensor,
@@ -72,13 +86,22 @@ class Sampler:
             return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(x_T.device)
 
         self.reset()
-        guidance.start(denoiser, labels)
+        guidance.begin(denoiser, labels, timesteps, noise)
+        repeats = int(getattr(guidance, "recurrence", 1))
         x, nfe = x_T, 0.0
         for i, t in enumerate(timesteps):
             t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            pred = self._finalize(denoiser, x, t, guidance(denoiser, x, t, labels))
-            nfe += pred.nfe
-            x = self.update(denoiser, x, t, t_next, pred, noise)
+            for r in range(repeats):
+                history = self.history()
+                pred = self._finalize(denoiser, x, t, guidance(denoiser, x, t, labels))
+                nfe = nfe + pred.nfe
+                x_next = self.update(denoiser, x, t, t_next, pred, noise)
+                if r + 1 < repeats:
+                    # Self-recurrence: back to level t with fresh noise, and the multistep history as it was.
+                    step_alpha = denoiser.alpha(t) / denoiser.alpha(t_next)
+                    x = step_alpha ** 0.5 * x_next + (1 - step_alpha) ** 0.5 * noise()
+                    self.restore(history)
+            x = x_next
             if on_step is not None:
                 on_step(i + 1, len(timesteps))
         return x, nfe

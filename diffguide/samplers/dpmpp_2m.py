@@ -18,6 +18,7 @@ from diffguide.samplers.base import Sampler
 class DPMSolverPP2M(Sampler):
     name = "dpmpp_2m"
     scheduler_class = DPMSolverMultistepScheduler
+    history_keys = ("_prev_x0_base", "_prev_h")
 
     def __init__(self, steps: int, spacing: str = "linspace", clip_x0: bool = True):
         super().__init__(steps, spacing, clip_x0)

@@ -1,0 +1,90 @@
+"""Gradient-free classifier guidance (Shenoy et al. 2024, "Gradient-Free Classifier Guidance for Diffusion Model
+Sampling", arXiv 2411.15393).
+
+An off-the-shelf classifier, used in inference mode only (no gradients), looks at the conditional model's denoised
+estimate x0_c at every step and picks a reference class and a scale; the guidance direction is the difference
+between the target-class and the reference-class predictions, added to a base prediction:
+    eps = eps_base + s_t (eps(x_t, y) - eps(x_t, c_ref))
+    base = none:          eps_base = eps(x_t, y)
+           cfg:           eps_base = eps(x_t, null) + w (eps(x_t, y) - eps(x_t, null))
+           autoguidance:  eps_base = eps_weak(x_t, y) + w (eps(x_t, y) - eps_weak(x_t, y))     (w = base_scale)
+The paper's text available to this project gives the structure above but not its exact selection formulas, so the
+two rules below are this project's reading of "a time-adaptive reference class and a scale that depends on how
+confused the model is", with p = softmax(f(x0_c)):
+    c_ref = argmax_{k != y} p_k                  (the class the sample is most at risk of turning into)
+    s_t   = scale * p_ref / (p_y + p_ref)        (0 when the classifier is sure of y, scale/2 when it cannot tell
+                                                  y from c_ref, towards scale when c_ref dominates)
+NFE per step: 1 (target) + 1 (reference, which depends on the target's x0, so it cannot share its batch) + 1 for a
+cfg or autoguidance base (batched with the target). The classifier's forward is not counted.
+"""
+
+import torch
+
+from diffguide.classifiers.clean import CleanClassifier
+from diffguide.errors import UserError
+from diffguide.guidance.base import Guidance
+from diffguide.models.denoiser import Denoiser
+
+BASES = ("none", "cfg", "autoguidance")
+
+
+class GradientFreeClassifierGuidance(Guidance):
+    name = "gfcg"
+
+    def __init__(self, classifier: CleanClassifier, scale: float = 1.0, base: str = "cfg", base_scale: float = 1.5,
+                 weak_model: Denoiser | str | None = None):
+        if not isinstance(classifier, CleanClassifier):
+            raise UserError("guidance=gfcg needs a clean-image classifier: choose one with classifier=NAME")
+        if base not in BASES:
+            raise UserError(f"guidance=gfcg: base {base!r} is not one of {', '.join(BASES)}")
+        if base == "autoguidance" and isinstance(weak_model, str):
+            # a path to a UNet checkpoint: loaded only when the autoguidance base uses it
+            from diffguide.models import unet
+            weak_model = unet.load(weak_model)
+        if base == "autoguidance" and not isinstance(weak_model, Denoiser):
+            raise UserError("guidance=gfcg base=autoguidance needs a weak model: set guidance.weak_model")
+        self.classifier, self.scale = classifier, self.check_scale(self.name, scale)
+        self.base, self.base_scale = base, self.check_scale(self.name + " base_scale", base_scale)
+        self.weak = weak_model
+
+    def start(self, denoiser, labels):
+        if not denoiser.num_classes:
+            raise UserError("guidance=gfcg needs a class-conditional model")
+        self.check_classes(self.classifier, denoiser)
+        if self.classifier.num_classes < 2:
+            raise UserError("guidance=gfcg needs a classifier of at least two classes")
+        self.classifier.to(denoiser.device)
+        if self.base == "cfg":
+            self.require_null_class(self.name, denoiser)
+        if self.base == "autoguidance":
+            if self.weak.num_classes != denoiser.num_classes:
+                raise UserError(f"guidance=gfcg: the weak model knows {self.weak.num_classes} classes, "
+                                f"the main model {denoiser.num_classes}")
+            self.weak.to(denoiser.device).set_precision(denoiser.autocast_dtype)
+
+    @torch.no_grad()
+    def reference(self, x0: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_ref, s_t / scale) per sample from the classifier's view of x0."""
+        p = torch.softmax(self.classifier.logits(x0).float(), dim=1)
+        p_y = p.gather(1, labels.view(-1, 1)).squeeze(1)
+        others = p.scatter(1, labels.view(-1, 1), -1.0)
+        p_ref, ref = others.max(dim=1)
+        return ref, p_ref / (p_y + p_ref).clamp_min(1e-12)
+
+    def __call__(self, denoiser, x, t, labels):
+        if self.base == "cfg":
+            eps_u, eps_c = denoiser.eps_many(x, t, [denoiser.null_labels(labels), labels])
+            eps_base, nfe = eps_u + self.base_scale * (eps_c - eps_u), 3
+        elif self.base == "autoguidance":
+            eps_c, eps_w = denoiser(x, t, labels), self.weak(x, t, labels)
+            eps_base, nfe = eps_w + self.base_scale * (eps_c - eps_w), 3
+        else:
+            eps_c = denoiser(x, t, labels)
+            eps_base, nfe = eps_c, 2
+        x0_c = denoiser.x0_from_eps(x, t, eps_c)
+        if denoiser.data_range is not None:
+            x0_c = x0_c.clamp(*denoiser.data_range)
+        ref, ratio = self.reference(x0_c, labels)
+        eps_ref = denoiser(x, t, ref)
+        s_t = (self.scale * ratio).view(-1, *[1] * (x.ndim - 1)).to(eps_c.dtype)
+        return self.from_eps(denoiser, x, t, eps_base + s_t * (eps_c - eps_ref), nfe=nfe)
