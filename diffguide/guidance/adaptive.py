@@ -5,6 +5,11 @@ CFG while the conditional and unconditional predictions disagree; from the first
 similarity (over the flattened eps) exceeds gamma, the conditional model alone for the rest of the trajectory,
 which saves one network evaluation per remaining step. The switch is made per sample, so that an image does not
 depend on the batch it ran in; `nfe` is then a per-sample count.
+
+space = eps compares the noise predictions, as the paper does. On an eps-prediction pixel model such as
+fmnist_unet they agree to a cosine of 0.999 or more at every step (measured: the noise dominates both), so no gamma
+separates early from late steps; space = x0 compares the denoised estimates x0_c and x0_u instead, whose cosine rises
+from about 0.9 at the start to 1 at the end (median 0.995 about halfway on fmnist_unet with 25 DDIM steps).
 """
 
 import torch
@@ -17,11 +22,13 @@ from diffguide.guidance.cfg import combine
 class AdaptiveGuidance(Guidance):
     name = "adaptive"
 
-    def __init__(self, scale: float, gamma: float = 0.99):
+    def __init__(self, scale: float, gamma: float = 0.99, space: str = "eps"):
         self.scale = self.check_scale(self.name, scale)
         if not -1.0 <= gamma <= 1.0:
             raise UserError(f"guidance=adaptive: gamma is a cosine similarity in [-1, 1] (got {gamma})")
-        self.gamma = float(gamma)
+        if space not in ("eps", "x0"):
+            raise UserError(f"guidance=adaptive: space must be eps or x0 (got {space!r})")
+        self.gamma, self.space = float(gamma), space
         self._switched_off = None
 
     def start(self, denoiser, labels):
@@ -35,7 +42,10 @@ class AdaptiveGuidance(Guidance):
             xs, ys = x[guided], labels[guided]
             eps_uncond, eps_cond = denoiser.eps_many(xs, t, [denoiser.null_labels(ys), ys])
             eps[guided] = combine(eps_uncond, eps_cond, self.scale)
-            agree = torch.nn.functional.cosine_similarity(eps_cond.flatten(1), eps_uncond.flatten(1), dim=1)
+            cond, uncond = eps_cond, eps_uncond
+            if self.space == "x0":
+                cond, uncond = denoiser.x0_from_eps(xs, t, cond), denoiser.x0_from_eps(xs, t, uncond)
+            agree = torch.nn.functional.cosine_similarity(cond.flatten(1), uncond.flatten(1), dim=1)
             self._switched_off[guided.nonzero().squeeze(1)[agree > self.gamma]] = True
         if not guided.all():
             eps[~guided] = denoiser(x[~guided], t, labels[~guided])

@@ -32,7 +32,10 @@ class GaussianMixture(Denoiser):
 
     def class_log_posterior(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """log p(k | x_t) for every class, shape (batch, num_classes): the exact noise-aware classifier."""
-        a = self.alphas_cumprod[t].view(-1, 1)
+        return self.log_posterior_at(x, self.alphas_cumprod[t].view(-1, 1))
+
+    def log_posterior_at(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """log p(k | x) for x = sqrt(a) x0 + sqrt(1 - a) noise, a of shape (batch, 1); a = 1: the clean data."""
         v = a * self.std ** 2 + 1 - a
         diff = x.double().flatten(1)[:, None, :] - a.sqrt()[:, :, None] * self.means.flatten(1)[None]
         log_lik = -0.5 * diff.pow(2).sum(-1) / v

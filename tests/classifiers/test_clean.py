@@ -14,3 +14,15 @@ def test_softplus_surgery_replaces_every_relu(tiny_evaluator_path):
     assert not torch.allclose(plain.logits(x0), smooth.logits(x0))
     # x0 in [-1, 1] is what the evaluator sees as [0, 1]
     assert torch.allclose(plain.logits(x0), plain.model(((x0 + 1) / 2)))
+
+
+def test_the_mixture_clean_classifier_is_bayes_rule_on_clean_data():
+    from diffguide.classifiers.gmm import ExactMixtureCleanClassifier
+    from diffguide.models import gmm
+
+    model = gmm.ring(num_classes=3, radius=2.0, std=0.5, weights=[0.2, 0.3, 0.5])
+    x0 = torch.tensor([[0.3, -1.0], [1.5, 0.2]])
+    log_lik = -((x0[:, None, :].double() - model.means[None]) ** 2).sum(-1) / (2 * 0.5 ** 2)
+    expected = torch.log_softmax(log_lik + torch.tensor([0.2, 0.3, 0.5]).double().log(), dim=1)
+    got = ExactMixtureCleanClassifier(model).logits(x0)
+    assert torch.allclose(torch.log_softmax(got.double(), 1), expected, atol=1e-6)

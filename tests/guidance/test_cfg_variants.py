@@ -116,6 +116,21 @@ def test_adaptive_switches_per_sample_once_predictions_agree(toy):
     assert torch.allclose(second.eps[1], CFG(2.0)(toy, x, 400, labels).eps[1])
 
 
+def test_adaptive_in_x0_space_compares_the_denoised_estimates(toy):
+    """x0_c - x0_u = -sqrt(1 - a) / sqrt(a) * 0.1 (y + 1) for the toy: worked out, the cosine of x0_c and x0_u for
+    sample x = [[1, -1], [2, 0]], y = 1 at t = 500 decides the switch either side of it."""
+    x, labels, t = torch.tensor([[[[1.0, -1.0], [2.0, 0.0]]]]), torch.tensor([1]), 500
+    a = float(toy.alphas_cumprod[t])
+    x0 = lambda y_shift: (x - (1 - a) ** 0.5 * (0.5 * x + y_shift + t / 1000)) / a ** 0.5
+    cos = float(torch.nn.functional.cosine_similarity(x0(0.2).flatten(1), x0(0.0).flatten(1)))
+    assert cos < 0.99  # far from the eps-space cosine: the test tells the two spaces apart
+    for gamma, switched in ((cos - 1e-4, True), (min(cos + 1e-4, 1.0), False)):
+        guidance = AdaptiveGuidance(2.0, gamma=gamma, space="x0")
+        guidance.start(toy, labels)
+        guidance(toy, x, t, labels)
+        assert bool(guidance._switched_off[0]) is switched
+
+
 def test_adaptive_reports_per_sample_savings_through_the_sampler():
     model = gmm.image(num_classes=3, std=0.2)
     labels = torch.tensor([0, 1, 2, 0])
