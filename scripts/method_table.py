@@ -1,0 +1,102 @@
+"""Every guidance method on the embedded Fashion-MNIST model, each at its best scale from a small sweep.
+
+    python scripts/method_table.py [--out outputs/method_table] [--num-samples 1000] [--only cfg,apg] [--dry-run]
+
+Runs `python -m diffguide.run guidance=NAME scale=S out_dir=OUT/NAME/scale=S` for every point of the grid below
+(default sampler DDIM, 25 steps, seed 0, so every method sees the same initial noise and labels), one point at a
+time; a point whose metrics.json already exists is not run again, so an interrupted sweep resumes where it stopped.
+Then prints two markdown tables: the best scale of each method (lowest FID), and every point of the sweep.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+# The sweep: scales in each method's own convention (see conf/guidance/NAME.yaml), around its paper's defaults.
+GRID: dict[str, list[float | None]] = {
+    "none": [None],
+    "cfg": [1.25, 1.5, 2.0],
+    "cfgpp": [0.2, 0.4, 0.6],
+    "cfg_rescale": [1.5, 2.0, 3.0],
+    "cfg_interval": [2.0, 3.0],
+    "apg": [2.0, 3.0],
+    "adaptive": [1.5, 2.0],
+    "cfg_zero_star": [1.5, 2.0],
+    "autoguidance": [1.5, 2.0, 3.0],
+    "classifier": [1.0, 3.0],
+    "offshelf": [1.0, 3.0],
+    "gfcg": [1.0, 2.0],
+    "universal": [1.0, 3.0],
+}
+
+COLUMNS = [("guidance", None), ("scale", None), ("fid_fmnist", "{:.2f}"), ("isc_fmnist", "{:.2f}"),
+           ("precision_fmnist", "{:.3f}"), ("recall_fmnist", "{:.3f}"), ("class_accuracy", "{:.3f}"),
+           ("nfe", "{:.1f}"), ("images_per_s", "{:.1f}")]
+
+
+def point_dir(out: Path, name: str, scale) -> Path:
+    return out / name / ("default" if scale is None else f"scale={scale:g}")
+
+
+def run_point(out: Path, name: str, scale, num_samples: int, extra: list[str]) -> dict | None:
+    folder = point_dir(out, name, scale)
+    metrics = folder / "metrics.json"
+    if not metrics.exists():
+        cmd = [sys.executable, "-m", "diffguide.run", f"guidance={name}", f"num_samples={num_samples}",
+               f"out_dir={folder}", "logger=none", *([] if scale is None else [f"scale={scale}"]), *extra]
+        print("+", " ".join(cmd[1:]), file=sys.stderr, flush=True)
+        with open(out / "sweep.log", "a") as log:
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+                print(f"  failed: see {out / 'sweep.log'}", file=sys.stderr)
+                return None
+    return json.loads(metrics.read_text())
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    for row in rows:
+        cells = ["" if row.get(key) is None else fmt.format(row[key]) if fmt else str(row[key])
+                 for key, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("outputs/method_table"))
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--only", default="", help="comma-separated methods (default: all)")
+    parser.add_argument("--dry-run", action="store_true", help="only tabulate the points already run")
+    parser.add_argument("extra", nargs="*", help="more overrides for every run, e.g. sampler=ddpm")
+    args = parser.parse_args()
+    names = [n for n in args.only.split(",") if n] or list(GRID)
+    unknown = [n for n in names if n not in GRID]
+    if unknown:
+        sys.exit(f"unknown methods: {', '.join(unknown)} (known: {', '.join(GRID)})")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    best, every = [], []
+    for name in names:
+        results = []
+        for scale in GRID[name]:
+            if args.dry_run:
+                path = point_dir(args.out, name, scale) / "metrics.json"
+                result = json.loads(path.read_text()) if path.exists() else None
+            else:
+                result = run_point(args.out, name, scale, args.num_samples, args.extra)
+            if result is not None:
+                results.append(result)
+        every += results
+        if results:
+            best.append(min(results, key=lambda r: r["fid_fmnist"]))
+    counts = sorted({r["num_samples"] for r in every})
+    print(f"## Best scale per method (lowest FID; {'/'.join(map(str, counts))} samples per point)\n")
+    print(table(best))
+    print("\n## Every point of the sweep\n")
+    print(table(every))
+
+
+if __name__ == "__main__":
+    main()
