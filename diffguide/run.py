@@ -133,6 +133,7 @@ def run(cfg: DictConfig) -> dict:
                   "wall_time_s": round(time.perf_counter() - total_start, 3), "device": str(device),
                   "config": resolved}
         checkpoint.atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
+        (out_dir / "failed.json").unlink(missing_ok=True)  # an earlier attempt's failure is no longer true
     except BaseException:
         logger.finish({}, None)
         raise
@@ -141,14 +142,50 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
+#: points of this process's sweep that failed (a multirun goes on past them)
+FAILED: list[str] = []
+
+
+def record_failure(cfg: DictConfig, reason: str) -> None:
+    """failed.json beside the point's other files: what was asked and why it stopped (diffguide.report reads it)."""
+    try:
+        out_dir = Path(HydraConfig.get().runtime.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        guidance = OmegaConf.select(cfg, "guidance._target_", default="") or ""
+        failure = {"guidance": guidance.rsplit(".", 1)[-1], "scale": OmegaConf.select(cfg, "scale", default=None),
+                   "sampler": (OmegaConf.select(cfg, "sampler._target_", default="") or "").rsplit(".", 1)[-1],
+                   "steps": OmegaConf.select(cfg, "steps", default=None), "reason": reason,
+                   "overrides": list(HydraConfig.get().overrides.task)}
+        checkpoint.atomic_write_text(out_dir / "failed.json", json.dumps(failure, indent=2))
+    except Exception as exc:  # recording a failure must never hide the failure itself
+        print(f"diffguide: could not write failed.json: {exc}", file=sys.stderr)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         run(cfg)
     except (UserError, OmegaConfBaseException) as exc:
-        print(f"diffguide: error: {exc}".splitlines()[0], file=sys.stderr)
+        reason = str(exc).splitlines()[0]
+    except Exception as exc:
+        if not multirun:
+            raise
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    else:
+        return
+    record_failure(cfg, reason)
+    print(f"diffguide: error: {reason}", file=sys.stderr)
+    if not multirun:
         sys.exit(2)
+    # In a sweep, one bad point is recorded and the others still run; the process exits non-zero at the end.
+    FAILED.append(f"{HydraConfig.get().job.override_dirname or HydraConfig.get().runtime.output_dir}: {reason}")
 
 
 if __name__ == "__main__":
     main()
+    if FAILED:
+        print(f"diffguide: {len(FAILED)} point(s) of the sweep failed (failed.json in each):", file=sys.stderr)
+        for line in FAILED:
+            print(f"  {line}", file=sys.stderr)
+        sys.exit(1)

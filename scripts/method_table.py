@@ -21,7 +21,7 @@ GRID: dict[str, list[float | None]] = {
     "cfgpp": [0.2, 0.4, 0.6],
     "cfg_rescale": [1.5, 2.0, 3.0],
     "cfg_interval": [2.0, 3.0],
-    "apg": [2.0, 3.0],
+    "apg": [2.0, 3.0, 4.0],
     "adaptive": [1.5, 2.0],
     "cfg_zero_star": [1.5, 2.0],
     "autoguidance": [1.5, 2.0, 3.0],

@@ -1,0 +1,48 @@
+"""A sweep with a bad point: the point is recorded as failed with its reason, the rest finish, the process exits
+non-zero at the end, and diffguide.report tabulates and plots what finished."""
+
+import csv
+import json
+
+from tests.conftest import run_cli
+
+
+def test_a_bad_point_is_recorded_and_the_sweep_finishes_then_reported(tiny_unet_path, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("diffguide.run", "-m", "guidance=cfg", "scale=1e38,1.5,3", f"model.weights={tiny_unet_path}",
+                   "metric=none", "logger=none", "steps=2", "num_samples=3", "precision=fp32",
+                   "sampler.clip_x0=false", f"out_dir={sweep}")
+    assert proc.returncode == 1
+    assert "1 point(s) of the sweep failed" in proc.stderr
+    [failed_path] = sweep.glob("*/failed.json")
+    assert "scale=1e+38" in failed_path.parent.name
+    failed = json.loads(failed_path.read_text())
+    assert failed["guidance"] == "CFG" and failed["scale"] == 1e38 and "diverged to NaN/inf" in failed["reason"]
+    done = sorted(json.loads(p.read_text())["scale"] for p in sweep.glob("*/metrics.json"))
+    assert done == [1.5, 3.0]
+
+    report = run_cli("diffguide.report", str(sweep))
+    assert report.returncode == 0, report.stderr
+    rows = list(csv.DictReader((sweep / "report" / "report.csv").open()))
+    assert sorted((r["status"], r["scale"]) for r in rows) == [("done", "1.5"), ("done", "3.0"), ("failed", "1e+38")]
+    assert (sweep / "report" / "fid_vs_nfe.png").exists() is False  # metric=none: no FID to plot
+    assert (sweep / "report" / "samples_cfg.png").is_file()
+    assert "1 failed" in report.stdout
+
+
+def test_report_draws_the_papers_plots_from_metrics(tmp_path):
+    """Three hand-made points of two methods: the CSV keeps every value, and each plot is written."""
+    from diffguide.report import main
+
+    for guidance, scale, fid, isc in (("cfg", 1.5, 3.0, 8.0), ("cfg", 2.0, 4.0, 9.0), ("apg", 2.0, 2.5, 8.5)):
+        job = tmp_path / f"{guidance}-{scale}"
+        job.mkdir()
+        (job / "metrics.json").write_text(json.dumps({
+            "guidance": guidance, "scale": scale, "sampler": "ddim", "steps": 25, "fid_x": fid, "isc_x": isc,
+            "precision_x": 0.7, "recall_x": 0.6, "nfe": 50.0, "num_samples": 10, "config": {"ignored": 1}}))
+    assert main([str(tmp_path)]) == 0
+    rows = {(r["guidance"], r["scale"]): r for r in csv.DictReader((tmp_path / "report" / "report.csv").open())}
+    assert float(rows[("cfg", "2.0")]["fid_x"]) == 4.0 and float(rows[("apg", "2.0")]["isc_x"]) == 8.5
+    assert "config" not in rows[("cfg", "1.5")]
+    for name in ("fid_vs_scale.png", "fid_vs_is.png", "precision_recall.png", "fid_vs_nfe.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 1000
