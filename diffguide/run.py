@@ -15,7 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from diffguide import checkpoint
+from diffguide import checkpoint, distributed
+from diffguide.distributed import Shard
+from diffguide.logging.base import NoLogger
 from diffguide.config import CONF_DIR, register
 from diffguide.errors import UserError
 from diffguide.runtime import resolve_device, resolve_precision
@@ -62,14 +64,14 @@ def job_identity(out_dir: Path) -> tuple[str, str | None]:
     return out_dir.name, Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
 
 
-def generate(cfg, denoiser, sampler, guidance, store: SampleStore, device, logger) -> dict:
-    missing = store.missing(cfg.num_samples)
+def generate(cfg, denoiser, sampler, guidance, store: SampleStore, device, logger, shard: Shard = Shard()) -> dict:
+    missing = shard.mine(store.missing(cfg.num_samples))
     batches = [missing[i:i + cfg.batch_size] for i in range(0, len(missing), cfg.batch_size)]
     steps = len(sampler.timesteps(denoiser))
     start = time.perf_counter()
     done = 0
-    with tqdm(total=len(batches) * steps, desc=f"sampling {len(missing)} of {cfg.num_samples}", unit="step",
-              disable=not batches, file=sys.stderr) as bar:
+    what = f"sampling {len(missing)} of {cfg.num_samples}" + (f" (rank {shard.rank})" if shard.world > 1 else "")
+    with tqdm(total=len(batches) * steps, desc=what, unit="step", disable=not batches, file=sys.stderr) as bar:
 
         def on_step(step: int, total: int) -> None:
             bar.update(1)
@@ -100,7 +102,10 @@ def run(cfg: DictConfig) -> dict:
     total_start = time.perf_counter()
     validate(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    device = resolve_device(cfg.device)
+    shard, device = distributed.setup(resolve_device(cfg.device))
+    if shard.world > 1 and cfg.out_dir is None:
+        raise UserError(f"a run over {shard.world} processes needs out_dir= (every rank must write to the same "
+                        f"folder, and the default one is named by each process's clock)")
     dtype = resolve_precision(cfg.precision.value if hasattr(cfg.precision, "value") else cfg.precision)
 
     # Build and check everything before any long work: a bad config or a missing file fails here.
@@ -112,16 +117,30 @@ def run(cfg: DictConfig) -> dict:
     guidance.start(denoiser, labels_for([0], denoiser.num_classes))
     metric = _instantiate(cfg.metric)
     metric.check()
-    logger = _instantiate(cfg.logger)
     store = SampleStore(out_dir)
-    store.claim(fingerprint(cfg))
+    if shard.main:  # one rank records the settings and clears a killed run's temp files, before anyone writes
+        store.claim(fingerprint(cfg))
+    shard.barrier()
+    if not shard.main:
+        store.claim(fingerprint(cfg), clean=False)
+    logger = _instantiate(cfg.logger) if shard.main else NoLogger()
 
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    checkpoint.atomic_write_text(out_dir / "config.resolved.yaml", OmegaConf.to_yaml(resolved))
+    if shard.main:
+        checkpoint.atomic_write_text(out_dir / "config.resolved.yaml", OmegaConf.to_yaml(resolved))
     name, group = job_identity(out_dir)
     logger.start(resolved, out_dir, name, group)
     try:
-        sampling = generate(cfg, denoiser, sampler, guidance, store, device, logger)
+        sampling = generate(cfg, denoiser, sampler, guidance, store, device, logger, shard)
+        if shard.world > 1:
+            # Scoring waits for every shard; the counts and the rate are those of the whole run.
+            generated = int(shard.total(sampling["images_generated"]))
+            wall = shard.maximum(sampling["sampling_wall_s"])
+            sampling = {"images_generated": generated, "sampling_wall_s": wall,
+                        "images_per_s": round(generated / wall, 3) if generated and wall else None,
+                        "processes": shard.world}
+        if not shard.main:
+            return sampling
         metas = store.metadata(cfg.num_samples)
         store.write_labels(metas)
         grid = store.write_grid(cfg.grid_size)
@@ -137,6 +156,8 @@ def run(cfg: DictConfig) -> dict:
     except BaseException:
         logger.finish({}, None)
         raise
+    finally:
+        distributed.teardown()
     logger.finish(result, grid)
     print(json.dumps({k: v for k, v in result.items() if k != "config"}))
     return result

@@ -63,8 +63,9 @@ class SampleStore:
     def path(self, index: int) -> Path:
         return self.dir / f"{index:06d}.png"
 
-    def claim(self, fingerprint: dict) -> None:
-        """Record what the samples are made with; refuse to mix them with samples of other settings."""
+    def claim(self, fingerprint: dict, clean: bool = True) -> None:
+        """Record what the samples are made with; refuse to mix them with samples of other settings. clean: delete
+        the temp files a killed run left (only one process of a multi-process run may, before any writes)."""
         if self.fingerprint_path.is_file():
             previous = json.loads(self.fingerprint_path.read_text())
             if previous != fingerprint:
@@ -77,7 +78,7 @@ class SampleStore:
         else:
             atomic_write_text(self.fingerprint_path, json.dumps(fingerprint, indent=2, sort_keys=True))
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(".*.tmp"):  # left by a killed run between write and rename
+        for stale in (self.dir.glob(".*.tmp") if clean else ()):  # left by a killed run between write and rename
             stale.unlink(missing_ok=True)
 
     def existing(self) -> set[int]:
