@@ -2,7 +2,7 @@
 # the active Python environment (activate a venv first if you want one); make test: the CPU test suite.
 PYTHON ?= $(shell command -v python >/dev/null 2>&1 && echo python || echo python3)
 
-.PHONY: setup data deps test test-slow bench default-run train clean
+.PHONY: setup data deps test test-slow bench default-run train clean slurm-start slurm-stop method-table
 
 setup: data deps
 	@$(PYTHON) -m diffguide.data.fashion_mnist >/dev/null 2>&1 || $(PYTHON) -m diffguide.data.fashion_mnist --download
@@ -23,7 +23,19 @@ deps:
 	$(PYTHON) -m pip install -q -e '.[test]'
 
 test:
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -rs
+
+# a single-node Slurm cluster on this machine (root), for tests/test_slurm.py and for trying hydra/launcher=slurm
+slurm-start:
+	scripts/slurm_local.sh install
+	scripts/slurm_local.sh start
+
+slurm-stop:
+	scripts/slurm_local.sh stop
+
+# every guidance method at its best scale (README table); about 75 minutes on 2 CPU cores, resumable
+method-table:
+	$(PYTHON) scripts/method_table.py
 
 test-slow:
 	$(PYTHON) -m pytest -q -m slow

@@ -25,10 +25,10 @@ GRID: dict[str, list[float | None]] = {
     "adaptive": [1.5, 2.0],
     "cfg_zero_star": [1.5, 2.0],
     "autoguidance": [1.5, 2.0, 3.0],
-    "classifier": [1.0, 3.0],
-    "offshelf": [1.0, 3.0],
+    "classifier": [3.0, 10.0],
+    "offshelf": [0.3, 1.0],
     "gfcg": [1.0, 2.0],
-    "universal": [1.0, 3.0],
+    "universal": [0.3, 1.0],
 }
 
 COLUMNS = [("guidance", None), ("scale", None), ("fid_fmnist", "{:.2f}"), ("isc_fmnist", "{:.2f}"),
@@ -37,7 +37,7 @@ COLUMNS = [("guidance", None), ("scale", None), ("fid_fmnist", "{:.2f}"), ("isc_
 
 
 def point_dir(out: Path, name: str, scale) -> Path:
-    return out / name / ("default" if scale is None else f"scale={scale:g}")
+    return out / name / ("default" if scale is None else f"scale_{scale:g}")
 
 
 def run_point(out: Path, name: str, scale, num_samples: int, extra: list[str]) -> dict | None:
