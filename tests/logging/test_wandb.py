@@ -1,6 +1,40 @@
+import json
+import struct
+
 import pytest
 
 from diffguide.logging import wandb as wandb_logger
+
+
+def read_wandb_records(path):
+    """The records of an offline run file, decoded with wandb's own protobuf schema (wandb.proto).
+
+    Written here because wandb >= 0.19 moved its Python reader of the file into the Go core: the file is a LevelDB
+    log (7-byte ':W&B' header, 32 KiB blocks, records framed by crc32/length/type, FULL=1 FIRST=2 MIDDLE=3 LAST=4),
+    each record one serialised wandb_internal_pb2.Record."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pos, pending = [], 7, b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pos += 7
+        if kind == 0:
+            pos += left - 7
+            continue
+        pending += data[pos:pos + length]
+        pos += length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
 
 
 def test_offline_run_records_config_metrics_and_group(tmp_path, monkeypatch):
@@ -11,10 +45,22 @@ def test_offline_run_records_config_metrics_and_group(tmp_path, monkeypatch):
     logger.progress({"images": 10})
     logger.finish({"fid_fmnist": 12.25, "class_accuracy": 0.875}, None)
     [run_file] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    data = run_file.read_bytes()
-    for expected in (b"fid_fmnist", b"class_accuracy", b"progress/images", b"sweep-2026", b"guidance=cfg,scale=2.5",
-                     b"diffguide.guidance.cfg.CFG", b"12.25"):
-        assert expected in data, expected
+    records = read_wandb_records(run_file)
+    by_type = {}
+    for record in records:
+        by_type.setdefault(record.WhichOneof("record_type"), []).append(record)
+    [run] = by_type["run"]
+    assert run.run.run_group == "sweep-2026" and run.run.display_name == "guidance=cfg,scale=2.5"
+    assert run.run.project == "diffguide-test" and run.run.job_type == "sample"
+    config = {item.key: json.loads(item.value_json) for item in run.run.config.update}
+    assert config["guidance"] == {"_target_": "diffguide.guidance.cfg.CFG", "scale": 2.5}
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+               for r in by_type["history"]]
+    assert any(row.get("progress/images") == 10 for row in history)
+    assert any(row.get("fid_fmnist") == 12.25 and row.get("class_accuracy") == 0.875 for row in history)
+    summary = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+               for r in by_type["summary"] for item in r.summary.update}
+    assert summary["fid_fmnist"] == 12.25 and summary["class_accuracy"] == 0.875
 
 
 def test_no_credentials_means_offline(tmp_path, monkeypatch):
