@@ -18,16 +18,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from diffguide.classifiers.gmm import ExactMixtureClassifier  # noqa: E402
+from diffguide.classifiers.gmm import ExactMixtureClassifier, ExactMixtureCleanClassifier  # noqa: E402
 from diffguide.guidance.adaptive import AdaptiveGuidance  # noqa: E402
 from diffguide.guidance.apg import APG  # noqa: E402
+from diffguide.guidance.autoguidance import AutoGuidance  # noqa: E402
 from diffguide.guidance.cfg import CFG  # noqa: E402
 from diffguide.guidance.cfg_interval import CFGInterval  # noqa: E402
 from diffguide.guidance.cfg_rescale import CFGRescale  # noqa: E402
 from diffguide.guidance.cfg_zero_star import CFGZeroStar  # noqa: E402
 from diffguide.guidance.cfgpp import CFGPlusPlus  # noqa: E402
 from diffguide.guidance.classifier import ClassifierGuidance  # noqa: E402
+from diffguide.guidance.gfcg import GradientFreeClassifierGuidance  # noqa: E402
 from diffguide.guidance.none import NoGuidance  # noqa: E402
+from diffguide.guidance.offshelf import OffTheShelfGuidance  # noqa: E402
+from diffguide.guidance.universal import UniversalGuidance  # noqa: E402
 from diffguide.models import gmm  # noqa: E402
 from diffguide.samplers.ddim import DDIM  # noqa: E402
 
@@ -53,14 +57,25 @@ def main():
         f"adaptive w={w:g}": AdaptiveGuidance(w),
         f"cfg_zero_star w={w:g}": CFGZeroStar(w),
         f"classifier (exact) s={w:g}": ClassifierGuidance(ExactMixtureClassifier(model), w),
+        # the weak model: the same ring, its components twice as wide (a model that has not learnt them sharply)
+        f"autoguidance w={w:g}": AutoGuidance(gmm.ring(num_classes=4, radius=2.0, std=1.0), w),
+        # clean-data gradients do not shrink with the noise: with 50 steps s = 1 throws samples far past the class
+        "offshelf (exact p(y|x0)) s=0.05": OffTheShelfGuidance(ExactMixtureCleanClassifier(model), 0.05),
+        f"gfcg s={w:g} (base: cond.)": GradientFreeClassifierGuidance(ExactMixtureCleanClassifier(model), w,
+                                                                     base="none"),
+        "universal (TFG) s=1": UniversalGuidance(ExactMixtureCleanClassifier(model), 1.0),
     }
     x_T = torch.randn(args.n, 2, generator=torch.Generator().manual_seed(0))
     labels = torch.zeros(args.n, dtype=torch.long)
     truth, truth_labels = model.sample_data(4000, torch.Generator().manual_seed(1))
     cols = 5
-    fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 6.6), sharex=True, sharey=True)
+    rows = -(-len(methods) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.3 * rows), sharex=True, sharey=True)
+    for ax in axes.flat[len(methods):]:
+        ax.axis("off")
     for ax, (name, guidance) in zip(axes.flat, methods.items()):
-        x, nfe = DDIM(args.steps, clip_x0=False).sample(model, guidance, x_T, labels)
+        generators = [torch.Generator().manual_seed(10_000 + i) for i in range(args.n)]  # universal draws noise
+        x, nfe = DDIM(args.steps, clip_x0=False).sample(model, guidance, x_T, labels, generators)
         nfe = float(nfe.mean()) if torch.is_tensor(nfe) else nfe
         ax.scatter(truth[:, 0], truth[:, 1], s=1, c=truth_labels, cmap="tab10", alpha=0.15, vmin=0, vmax=9)
         ax.scatter(x[:, 0], x[:, 1], s=2, c="black")

@@ -26,9 +26,9 @@ GRID: dict[str, list[float | None]] = {
     "cfg_zero_star": [1.5, 2.0],
     "autoguidance": [1.5, 2.0, 3.0],
     "classifier": [3.0, 10.0],
-    "offshelf": [0.3, 1.0],
+    "offshelf": [0.1, 0.3, 1.0],
     "gfcg": [1.0, 2.0],
-    "universal": [0.3, 1.0],
+    "universal": [0.1, 0.3],
 }
 
 COLUMNS = [("guidance", None), ("scale", None), ("fid_fmnist", "{:.2f}"), ("isc_fmnist", "{:.2f}"),
