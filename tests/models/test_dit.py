@@ -1,0 +1,90 @@
+"""DiT through the same config path a user takes (`model=dit_xl_2_256 model.source=FOLDER`), on a tiny random DiT
+and VAE saved the way the hub lays out facebook/DiT-XL-2-256; cross-checked against diffusers' DiTPipeline."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+from PIL import Image
+
+from diffguide.errors import UserError
+from diffguide.models import dit
+from diffguide.run import run
+from tests.conftest import compose_run_config
+
+NUM_CLASSES = 1000
+
+
+def tiny_dit_folder(path):
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                        num_attention_heads=2, in_channels=4, out_channels=8,
+                                        num_embeds_ada_norm=NUM_CLASSES, norm_type="ada_norm_zero",
+                                        norm_elementwise_affine=False, norm_num_groups=32)
+    # the random init zeroes DiT's final projection (adaLN-zero): give it weights so eps depends on x, t and y
+    for p in transformer.parameters():
+        if p.abs().sum() == 0:
+            p.data.normal_(0, 0.02)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+                              clip_sample=False)
+    transformer.save_pretrained(path / "transformer")
+    vae.save_pretrained(path / "vae")
+    scheduler.save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline", "_diffusers_version": "0.42.1",
+                                                       "scheduler": ["diffusers", "DDIMScheduler"],
+                                                       "transformer": ["diffusers", "DiTTransformer2DModel"],
+                                                       "vae": ["diffusers", "AutoencoderKL"]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dit_folder(tmp_path_factory):
+    return tiny_dit_folder(tmp_path_factory.mktemp("dit"))
+
+
+def test_cfg_ddim_matches_ditpipeline(dit_folder, tmp_path):
+    """Same initial noise (sample i: seed + i), scheduler, steps and scale: guidance=cfg sampler=ddim gives the
+    images DiTPipeline gives, to 1/255 (both end in uint8 PNGs; the float images agree to 1e-4)."""
+    steps, scale, seed = 6, 3.0, 11
+    out = tmp_path / "ours"
+    cfg = compose_run_config(["model=dit_xl_2_256", f"model.source={dit_folder}", "metric=none", "logger=none",
+                              "guidance=cfg", f"scale={scale}", f"steps={steps}", "sampler.spacing=leading",
+                              "sampler.clip_x0=false", "num_samples=3", "batch_size=2", f"seed={seed}",
+                              "precision=fp32"], out)
+    result = run(cfg)
+    assert result["nfe"] == 2 * steps
+
+    pipe = DiTPipeline.from_pretrained(dit_folder)
+    for i in range(3):
+        label = i % NUM_CLASSES  # diffguide's labels: sample i gets class i mod K
+        theirs = pipe(class_labels=[label], guidance_scale=scale, num_inference_steps=steps, output_type="np",
+                      generator=torch.Generator().manual_seed(seed + i)).images[0]
+        ours = np.asarray(Image.open(out / "samples" / f"{i:06d}.png").convert("RGB"), dtype=np.float64) / 255
+        assert np.abs(ours - theirs).max() <= 1 / 255 + 1e-6
+
+
+def test_latents_decode_in_batches(dit_folder):
+    model = dit.load(str(dit_folder), decode_batch_size=2)
+    latents = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    model_all = dit.load(str(dit_folder), decode_batch_size=64)
+    assert model.sample_shape == (4, 8, 8) and model.null_class == 1000 and model.data_range is None
+    assert torch.allclose(model.decode(latents), model_all.decode(latents), atol=1e-5)
+
+
+def test_a_missing_model_offline_is_one_clear_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UserError) as err:
+        dit.load("facebook/DiT-XL-2-256")
+    message = str(err.value)
+    assert "\n" not in message and "facebook/DiT-XL-2-256" in message and "HF_HUB_OFFLINE" in message
+    assert str(tmp_path / "cache") in message and "model.source=" in message
