@@ -27,6 +27,6 @@ class ExactMixtureCleanClassifier(CleanClassifier):
         self.model = model
         self.num_classes = model.num_classes
 
-    def logits(self, x0):
+    def classify(self, x0):
         a = torch.ones(x0.shape[0], 1, dtype=torch.float64, device=x0.device)
         return self.model.log_posterior_at(x0, a).to(x0.dtype)

@@ -53,7 +53,7 @@ class GradientFreeClassifierGuidance(Guidance):
         self.check_classes(self.classifier, denoiser)
         if self.classifier.num_classes < 2:
             raise UserError("guidance=gfcg needs a classifier of at least two classes")
-        self.classifier.to(denoiser.device)
+        self.classifier.attach(denoiser)
         if self.base == "cfg":
             self.require_null_class(self.name, denoiser)
         if self.base == "autoguidance":

@@ -45,7 +45,7 @@ class OffTheShelfGuidance(Guidance):
 
     def start(self, denoiser, labels):
         self.check_classes(self.classifier, denoiser)
-        self.classifier.to(denoiser.device)
+        self.classifier.attach(denoiser)
         a = denoiser.alphas_cumprod.double()
         a_prev = torch.cat([a.new_ones(1), a[:-1]])
         self._posterior_var = (1 - a_prev) / (1 - a) * (1 - a / a_prev)

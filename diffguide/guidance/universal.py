@@ -62,7 +62,7 @@ class UniversalGuidance(Guidance):
 
     def start(self, denoiser, labels):
         self.check_classes(self.classifier, denoiser)
-        self.classifier.to(denoiser.device)
+        self.classifier.attach(denoiser)
 
     # --- schedules over the sampler's steps -------------------------------------------------------------------
     def _step_alphas(self, denoiser) -> list[float]:

@@ -6,6 +6,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from diffguide import checkpoint
+from diffguide.errors import UserError
 from diffguide.models.denoiser import Denoiser
 
 KIND = "unet-denoiser"
@@ -46,3 +47,37 @@ def load(weights: str) -> UNetDenoiser:
     model = build(config["unet"], config["num_classes"], config["scheduler"])
     model.unet.load_state_dict(tensors)
     return model.eval().requires_grad_(False)
+
+
+class PretrainedUNet(Denoiser):
+    """A diffusers UNet2DModel from a hub id or a local folder (e.g. google/ddpm-cifar10-32: unconditional, so the
+    classes only label samples and steer classifier-based guidance; CFG needs a null class and is refused)."""
+
+    def __init__(self, unet: UNet2DModel, scheduler_config: dict, num_classes: int):
+        scheduler = DDPMScheduler.from_config(scheduler_config)
+        size = unet.config.sample_size
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        conditional = unet.config.num_class_embeds is not None
+        super().__init__(scheduler.alphas_cumprod, (unet.config.in_channels, *size), num_classes,
+                         null_class=None, scheduler_config=scheduler.config, data_range=(-1.0, 1.0))
+        self.unet, self.conditional = unet, conditional
+
+    def _eps(self, x, t, labels):
+        out = self.unet(x, t, class_labels=labels if self.conditional else None).sample
+        return out[:, :x.shape[1]]  # learned-variance channels, when present, are not used by these samplers
+
+
+def load_pretrained(source: str, num_classes: int = 10, revision: str | None = None,
+                    local_files_only: bool = False) -> PretrainedUNet:
+    """The `_target_` of conf/model/ddpm_cifar10.yaml. `source`: a hub id or a folder with unet/ and scheduler/
+    (a pipeline folder), or with the UNet's config and weights at its top level (older hub layouts)."""
+    from diffguide.models import hub
+
+    kwargs = {"revision": revision, "local_files_only": local_files_only}
+    try:
+        unet = hub.from_pretrained(UNet2DModel, source, "model.source", "unet", **kwargs)
+        scheduler = hub.load_config(DDPMScheduler, source, "model.source", "scheduler")
+    except UserError:
+        unet = hub.from_pretrained(UNet2DModel, source, "model.source", None, **kwargs)
+        scheduler = hub.load_config(DDPMScheduler, source, "model.source", None)
+    return PretrainedUNet(unet, scheduler, num_classes).eval().requires_grad_(False)

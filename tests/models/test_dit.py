@@ -88,3 +88,37 @@ def test_a_missing_model_offline_is_one_clear_line(monkeypatch, tmp_path):
     message = str(err.value)
     assert "\n" not in message and "facebook/DiT-XL-2-256" in message and "HF_HUB_OFFLINE" in message
     assert str(tmp_path / "cache") in message and "model.source=" in message
+
+
+@pytest.mark.parametrize("guidance, nfe_per_step", [("offshelf", 1), ("universal", 2), ("gfcg", 3)])
+def test_classifier_methods_see_the_decoded_x0_of_a_latent_model(dit_folder, tmp_path, guidance, nfe_per_step):
+    """An ImageNet timm classifier (tiny, local weights) guides the latent DiT through its VAE decoder."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = tmp_path / "clf.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("resnet10t", num_classes=NUM_CLASSES).state_dict()
+               .items()}, str(weights))
+    cfg = compose_run_config(["model=dit_xl_2_256", f"model.source={dit_folder}", "metric=none", "logger=none",
+                              f"guidance={guidance}", "classifier=imagenet_resnet50", "classifier.model_name=resnet10t",
+                              f"classifier.weights={weights}", f"classifier.num_classes={NUM_CLASSES}", "steps=3",
+                              "num_samples=2", "precision=fp32"], tmp_path / "run")
+    assert run(cfg)["nfe"] == 3 * nfe_per_step
+
+
+def test_the_classifier_gradient_reaches_the_latents_through_the_decoder(dit_folder):
+    from diffguide.classifiers.clean import CleanClassifier
+
+    class MeanRed(CleanClassifier):
+        num_classes = 2
+
+        def classify(self, images):
+            red = images[:, 0].mean((1, 2))
+            return torch.stack([red, -red], 1)
+
+    model = dit.load(str(dit_folder))
+    clf = MeanRed().attach(model)
+    latents = torch.randn(1, 4, 8, 8, requires_grad=True)
+    clf.logits(latents)[0, 0].backward()
+    assert latents.grad is not None and latents.grad.abs().sum() > 0
