@@ -45,18 +45,18 @@ def scored(tmp_path_factory, tiny_evaluator_path, fidelity_cache):
                                  cache_root=str(fidelity_cache))
     metric.check()
     scores = metric(store.dir, wrong.tolist(), torch.device("cpu"))
-    return scores, images, chosen, wrong, evaluator_lib.load(tiny_evaluator_path)
+    return scores, images, chosen, wrong, evaluator_lib.load(tiny_evaluator_path), store.dir
 
 
 def test_fid_matches_its_formula(scored):
-    scores, images, chosen, _, model = scored
+    scores, images, chosen, _, model, _ = scored
     fake, _ = _features(model, images[chosen])
     real, _ = _features(model, images)
     assert scores["fid_fmnist"] == pytest.approx(_fid(fake, real), rel=1e-3, abs=1e-4)
 
 
 def test_inception_score_matches_its_formula(scored):
-    scores, images, chosen, _, model = scored
+    scores, images, chosen, _, model, _ = scored
     _, logits = _features(model, images[chosen])
     p = logits.softmax(1)
     expected = torch.exp((p * (p.log() - p.mean(0, keepdim=True).log())).sum(1).mean()).item()
@@ -64,7 +64,7 @@ def test_inception_score_matches_its_formula(scored):
 
 
 def test_precision_recall_match_their_definition(scored):
-    scores, images, chosen, _, model = scored
+    scores, images, chosen, _, model, _ = scored
     fake, _ = _features(model, images[chosen])
     real, _ = _features(model, images)
     assert scores["precision_fmnist"] == pytest.approx(_within_kth_ball(fake.float(), real.float()), abs=1e-6)
@@ -73,7 +73,7 @@ def test_precision_recall_match_their_definition(scored):
 
 
 def test_class_accuracy_counts_agreement_with_the_generated_label(scored):
-    scores, images, chosen, wrong, model = scored
+    scores, images, chosen, wrong, model, _ = scored
     predicted = model(images[chosen]).argmax(1)
     assert scores["class_accuracy"] == pytest.approx((predicted == wrong).double().mean().item())
 
@@ -88,3 +88,58 @@ def test_real_images_score_better_than_noise(scored, tmp_path, tiny_evaluator_pa
                                  cache_root=str(fidelity_cache))
     noise = metric(store.dir, [i % 10 for i in range(300)], torch.device("cpu"))
     assert noise["fid_fmnist"] > 2 * scored[0]["fid_fmnist"]
+
+
+def _npz_case(tmp_path, scored, tiny_evaluator_path, fidelity_cache, **arrays):
+    scores, images, chosen, wrong, model, _ = scored
+    path = tmp_path / "reference.npz"
+    np.savez(path, **arrays)
+    store_dir = scored[-1]
+    metric = FashionMNISTMetrics(str(tiny_evaluator_path), reference=str(path), isc_splits=1, kid_subset_size=100,
+                                 cache_root=str(fidelity_cache))
+    metric.check()
+    return metric(store_dir, wrong.tolist(), torch.device("cpu"))
+
+
+def test_an_npz_reference_batch_of_images(scored, tmp_path, tiny_evaluator_path, fidelity_cache):
+    """ADM's reference-batch format with images only (arr_0, N x H x W x 3 uint8): FID against those images."""
+    scores, images, chosen, _, model, _ = scored
+    arr_0 = images[:500].permute(0, 2, 3, 1).expand(-1, -1, -1, 3)  # the uint8 test images, as N x H x W x 3
+    got = _npz_case(tmp_path, scored, tiny_evaluator_path, fidelity_cache, arr_0=arr_0.numpy())
+    fake, _ = _features(model, images[chosen])
+    real, _ = _features(model, images[:500])
+    assert got["fid_fmnist"] == pytest.approx(_fid(fake, real), rel=1e-3, abs=1e-4)
+    assert "kid_fmnist" in got and "precision_fmnist" in got
+
+
+def test_an_npz_of_precomputed_statistics(scored, tmp_path, tiny_evaluator_path, fidelity_cache):
+    """mu and sigma only (how ImageNet reference statistics are shared): FID against them; no KID or P/R."""
+    scores, images, chosen, _, model, _ = scored
+    real, _ = _features(model, images[:500])
+    mu, sigma = real.mean(0).numpy(), np.cov(real.numpy(), rowvar=False)
+    got = _npz_case(tmp_path, scored, tiny_evaluator_path, fidelity_cache, mu=mu, sigma=sigma)
+    fake, _ = _features(model, images[chosen])
+    assert got["fid_fmnist"] == pytest.approx(_fid(fake, real), rel=1e-3, abs=1e-4)
+    assert "kid_fmnist" not in got and "precision_fmnist" not in got and "isc_fmnist" in got
+
+
+def test_an_npz_without_images_or_statistics_is_refused(tmp_path, tiny_evaluator_path):
+    from diffguide.errors import UserError
+
+    np.savez(tmp_path / "bad.npz", something=np.zeros(3))
+    with pytest.raises(UserError, match="arr_0"):
+        FashionMNISTMetrics(str(tiny_evaluator_path), reference=str(tmp_path / "bad.npz")).check()
+
+
+def test_dinov2_option_and_unknown_extractors(tmp_path):
+    from diffguide.errors import UserError
+    from diffguide.metrics.fidelity import InceptionMetrics
+
+    dinov2 = InceptionMetrics(str(tmp_path), feature_extractor="dinov2-vit-l-14")
+    dinov2.check()
+    assert dinov2.flags["isc"] is False and dinov2.suffix == "_dinov2"
+    assert dinov2.fidelity_kwargs()["feature_extractor"] == "dinov2-vit-l-14"
+    with pytest.raises(UserError, match="not one of torch-fidelity's"):
+        InceptionMetrics(str(tmp_path), feature_extractor="inception-v4").check()
+    with pytest.raises(UserError, match="npz"):
+        InceptionMetrics(str(tmp_path / "no-such-folder")).check()
