@@ -33,7 +33,7 @@ GRID: dict[str, list[float | None]] = {
 
 COLUMNS = [("guidance", None), ("scale", None), ("fid_fmnist", "{:.2f}"), ("isc_fmnist", "{:.2f}"),
            ("precision_fmnist", "{:.3f}"), ("recall_fmnist", "{:.3f}"), ("class_accuracy", "{:.3f}"),
-           ("nfe", "{:.1f}"), ("images_per_s", "{:.1f}")]
+           ("nfe", "{:.1f}")]
 
 
 def point_dir(out: Path, name: str, scale) -> Path:
