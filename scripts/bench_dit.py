@@ -123,7 +123,7 @@ def main():
     rate = matmul_rate(device, dtype)
     print(f"DiT-{args.arch}/2 256x256, {args.steps} DDIM steps, CFG w={args.scale}, batch {args.batch}, "
           f"{args.precision}, {device}{', compiled' if args.compile else ''}; "
-          f"{flops_per_image_forward / 1e9:.1f} GFLOPs per image forward; matmul {rate / 1e12:.2f} TFLOP/s")
+          f"{flops_per_image_forward / 1e9:.3g} GFLOPs per image forward; matmul {rate / 1e12:.2f} TFLOP/s")
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     for name, t in medians.items():
         images_per_s = args.batch / t
