@@ -10,7 +10,7 @@ ClassifierFreeZeroStarGuidance does. scale = CFG's w.
 import torch
 
 from diffguide.errors import UserError
-from diffguide.guidance.base import Guidance, GuidedPrediction
+from diffguide.guidance.base import Guidance
 
 
 def optimised_scale(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, tiny: float = 1e-8) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from diffguide import checkpoint

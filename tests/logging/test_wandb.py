@@ -1,8 +1,6 @@
 import json
 import struct
 
-import pytest
-
 from diffguide.logging import wandb as wandb_logger
 
 
