@@ -48,9 +48,12 @@ class Shard:
 def setup(device: torch.device) -> tuple[Shard, torch.device]:
     """Join the process group when this process is one of several; returns its shard and its device (each rank
     its own GPU, by LOCAL_RANK)."""
-    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
         import submitit
 
+        # srun tasks of an sbatch script: submitit reads the Slurm variables (rank, node list, master address) once
+        # told it runs under Slurm, which its own jobs tell it through SUBMITIT_EXECUTOR.
+        os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:

@@ -38,3 +38,29 @@ def test_a_sweep_runs_as_slurm_array_jobs(tiny_unet_path, tmp_path):
     # Each point ran as a task of one Slurm array job: submitit keeps a log folder per task, named by its job id.
     logs = sorted(p.name for p in (sweep / ".submitit").glob("*_*") if p.is_dir())
     assert len(logs) == 2 and len({name.split("_")[0] for name in logs}) == 1
+
+
+@pytest.mark.skipif(NOT_READY is not None, reason=str(NOT_READY))
+def test_a_slurm_job_with_two_tasks_shards_one_run(tiny_unet_path, tmp_path):
+    """`srun` with two tasks: each task is a rank (submitit supplies torch's variables), and the union of the shards
+    is the one-process run's images, byte for byte."""
+    import sys
+
+    args = f"model.weights={tiny_unet_path} metric=none logger=none steps=2 num_samples=6 batch_size=2"
+    script = tmp_path / "job.sh"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --ntasks=2
+#SBATCH --cpus-per-task=1
+#SBATCH --output={tmp_path}/slurm-%j.out
+export WANDB_MODE=disabled OMP_NUM_THREADS=1
+srun {sys.executable} -m diffguide.run {args} out_dir={tmp_path / 'two'}
+""")
+    proc = subprocess.run(["sbatch", "--wait", str(script)], capture_output=True, text=True, timeout=600)
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert proc.returncode == 0, logs[-3000:]
+    assert run_cli("diffguide.run", *args.split(), f"out_dir={tmp_path / 'one'}").returncode == 0
+    result = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert result["processes"] == 2 and result["images_generated"] == 6
+    for i in range(6):
+        name = f"{i:06d}.png"
+        assert (tmp_path / "two" / "samples" / name).read_bytes() == (tmp_path / "one" / "samples" / name).read_bytes()
