@@ -41,7 +41,8 @@ test-slow:
 	$(PYTHON) -m pytest -q -m slow
 
 bench:
-	$(PYTHON) scripts/bench_sampling.py
+	$(PYTHON) scripts/bench_sampling.py --batch 125 --repeats 2
+	$(PYTHON) scripts/bench_dit.py --arch S --batch 8 --steps 10 --repeats 3
 
 default-run:
 	$(PYTHON) -m diffguide.run
