@@ -3,8 +3,10 @@ scripts/slurm_local.sh starts on this machine (CI starts it before the tests). S
 no Slurm controller answers."""
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -44,8 +46,6 @@ def test_a_sweep_runs_as_slurm_array_jobs(tiny_unet_path, tmp_path):
 def test_a_slurm_job_with_two_tasks_shards_one_run(tiny_unet_path, tmp_path):
     """`srun` with two tasks: each task is a rank (submitit supplies torch's variables), and the union of the shards
     is the one-process run's images, byte for byte."""
-    import sys
-
     args = f"model.weights={tiny_unet_path} metric=none logger=none steps=2 num_samples=6 batch_size=2"
     script = tmp_path / "job.sh"
     script.write_text(f"""#!/bin/bash
@@ -64,3 +64,34 @@ srun {sys.executable} -m diffguide.run {args} out_dir={tmp_path / 'two'}
     for i in range(6):
         name = f"{i:06d}.png"
         assert (tmp_path / "two" / "samples" / name).read_bytes() == (tmp_path / "one" / "samples" / name).read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NOT_READY is not None, reason=str(NOT_READY))
+def test_a_requeued_sweep_job_resumes_from_its_samples(tiny_unet_path, tmp_path):
+    """Preemption: `scontrol requeue` of a running sweep job; Slurm stops it and starts it again, submitit runs the
+    same call, and the run makes only the samples that were missing. (Minutes: Slurm lets the job run on for its
+    KillWait after the requeue, and delays the restart; 60 samples keep the first attempt from finishing first.)"""
+    import time
+
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "diffguide.run", "-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0",
+           "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10",
+           "guidance=cfg", f"model.weights={tiny_unet_path}", "metric=none", "logger=none", "steps=400",
+           "num_samples=60", "batch_size=2", f"out_dir={sweep}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(list(sweep.glob("*/samples/*.png"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [job] = [line.split()[0] for line in subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i %o"],
+                                                        capture_output=True, text=True).stdout.splitlines()
+             if str(sweep) in line] or [None]
+    assert job is not None, "the sweep job is not running"
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    [metrics] = sweep.glob("*/metrics.json")
+    result = json.loads(metrics.read_text())
+    assert len(list(sweep.glob("*/samples/*.png"))) == 60
+    assert result["images_generated"] < 60  # the restarted job made only the missing samples
