@@ -17,6 +17,7 @@ from pathlib import Path
 # The sweep: scales in each method's own convention (see conf/guidance/NAME.yaml), around its paper's defaults.
 GRID: dict[str, list[float | None]] = {
     "none": [None],
+    "none (unconditional)": [None],
     "cfg": [1.25, 1.5, 2.0],
     "cfgpp": [0.2, 0.4, 0.6],
     "cfg_rescale": [1.5, 2.0, 3.0],
@@ -28,7 +29,16 @@ GRID: dict[str, list[float | None]] = {
     "classifier": [3.0, 10.0],
     "offshelf": [0.1, 0.3, 1.0],
     "gfcg": [1.0, 2.0],
+    "gfcg + autoguidance": [1.0],
     "universal": [0.1, 0.3],
+}
+
+# Rows that are a method with other settings: name -> (guidance, overrides). The classifier-based methods guide the
+# unconditional model, whose own scores are the baseline they start from; GFCG is also shown on autoguidance, the
+# combination its paper reports.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "none (unconditional)": ("none", ["guidance.conditional=false"]),
+    "gfcg + autoguidance": ("gfcg", ["guidance.base=autoguidance", "guidance.base_scale=2.0"]),
 }
 
 COLUMNS = [("guidance", None), ("scale", None), ("fid_fmnist", "{:.2f}"), ("isc_fmnist", "{:.2f}"),
@@ -37,21 +47,23 @@ COLUMNS = [("guidance", None), ("scale", None), ("fid_fmnist", "{:.2f}"), ("isc_
 
 
 def point_dir(out: Path, name: str, scale) -> Path:
-    return out / name / ("default" if scale is None else f"scale_{scale:g}")
+    folder = name.replace(" (", "_").replace(")", "").replace(" + ", "+").replace(" ", "_")
+    return out / folder / ("default" if scale is None else f"scale_{scale:g}")
 
 
 def run_point(out: Path, name: str, scale, num_samples: int, extra: list[str]) -> dict | None:
     folder = point_dir(out, name, scale)
     metrics = folder / "metrics.json"
     if not metrics.exists():
-        cmd = [sys.executable, "-m", "diffguide.run", f"guidance={name}", f"num_samples={num_samples}",
+        guidance, variant = VARIANTS.get(name, (name, []))
+        cmd = [sys.executable, "-m", "diffguide.run", f"guidance={guidance}", *variant, f"num_samples={num_samples}",
                f"out_dir={folder}", "logger=none", *([] if scale is None else [f"scale={scale}"]), *extra]
         print("+", " ".join(cmd[1:]), file=sys.stderr, flush=True)
         with open(out / "sweep.log", "a") as log:
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
                 print(f"  failed: see {out / 'sweep.log'}", file=sys.stderr)
                 return None
-    return json.loads(metrics.read_text())
+    return {**json.loads(metrics.read_text()), "guidance": name}
 
 
 def table(rows: list[dict]) -> str:
@@ -83,7 +95,7 @@ def main() -> None:
         for scale in GRID[name]:
             if args.dry_run:
                 path = point_dir(args.out, name, scale) / "metrics.json"
-                result = json.loads(path.read_text()) if path.exists() else None
+                result = {**json.loads(path.read_text()), "guidance": name} if path.exists() else None
             else:
                 result = run_point(args.out, name, scale, args.num_samples, args.extra)
             if result is not None:
