@@ -32,7 +32,9 @@ def collect(sweep: Path) -> list[dict]:
             continue
         result = json.loads(path.read_text())
         row = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
-        rows.append({**row, "status": "done", "reason": "", "job": str(path.parent.relative_to(sweep))})
+        guidance_cfg = (result.get("config") or {}).get("guidance") or {}
+        rows.append({**row, "status": "done", "reason": "", "job": str(path.parent.relative_to(sweep)),
+                     "_settings": {k: v for k, v in guidance_cfg.items() if k not in ("scale", "_target_")}})
     for path in sorted(sweep.rglob("failed.json")):
         if (path.parent / "metrics.json").exists():
             continue  # failed once, finished on a later attempt
@@ -54,12 +56,21 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def _series(rows: list[dict]) -> dict[str, list[dict]]:
-    """Finished points grouped into curves: by method, and by sampler/steps where the sweep varies them."""
+    """Finished points grouped into curves: by method, by the method's settings other than its scale where the sweep
+    varies them (e.g. guidance.base=autoguidance), and by sampler/steps where the sweep varies those."""
     done = [r for r in rows if r["status"] == "done"]
     vary = [key for key in ("sampler", "steps") if len({r.get(key) for r in done}) > 1]
+    varied_settings: dict[str, set] = {}
+    for name in {r["guidance"] for r in done}:
+        settings = [r.get("_settings") or {} for r in done if r["guidance"] == name]
+        keys = {k for s in settings for k in s}
+        varied_settings[name] = {k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1}
     groups: dict[str, list[dict]] = {}
     for row in done:
-        label = " ".join([str(row["guidance"])] + [f"{key}={row.get(key)}" for key in vary])
+        settings = row.get("_settings") or {}
+        label = " ".join([str(row["guidance"])]
+                         + [f"{k}={settings.get(k)}" for k in sorted(varied_settings[row["guidance"]])]
+                         + [f"{key}={row.get(key)}" for key in vary])
         groups.setdefault(label, []).append(row)
     for points in groups.values():
         points.sort(key=lambda r: -math.inf if r.get("scale") is None else float(r["scale"]))
@@ -93,14 +104,16 @@ def plot(rows: list[dict], out: Path, fid_key: str | None = None) -> list[Path]:
     for name, x_key, y_key, x_label, y_label in specs:
         if x_key is None or y_key is None:
             continue
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        fig, ax = plt.subplots(figsize=(7.5, 5))
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors[:len(groups) or 1])
+        markers = "osD^v<>pPXh*"
         drawn = 0
-        for label, points in groups.items():
+        for index, (label, points) in enumerate(sorted(groups.items())):
             pts = [(float(p[x_key]), float(p[y_key])) for p in points
                    if p.get(x_key) is not None and p.get(y_key) is not None]
             if not pts:
                 continue
-            ax.plot(*zip(*pts), marker="o", label=label)
+            ax.plot(*zip(*pts), marker=markers[index % len(markers)], label=label)
             drawn += 1
         if drawn:
             ax.set_xlabel(x_label)
