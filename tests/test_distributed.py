@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, run_cli
 
 
@@ -25,8 +27,10 @@ def test_two_ranks_write_the_same_images_as_one(tiny_unet_path, tiny_evaluator_p
     for i in range(10):
         name = f"{i:06d}.png"
         assert (two / "samples" / name).read_bytes() == (one / "samples" / name).read_bytes(), name
+    # same images, so the same scores (to float noise: one run may compute the reference statistics that the other
+    # reads back from torch-fidelity's cache)
     for key in ("fid_fmnist", "isc_fmnist", "class_accuracy", "nfe"):
-        assert sharded[key] == single[key], key
+        assert sharded[key] == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
     assert (two / "labels.csv").read_text() == (one / "labels.csv").read_text()
 
 

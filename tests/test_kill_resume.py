@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import ROOT, run_cli
 
 
@@ -38,5 +40,6 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_unet_path,
     for i in range(24):
         name = f"{i:06d}.png"
         assert (killed / "samples" / name).read_bytes() == (whole / "samples" / name).read_bytes(), name
+    # same images, so the same scores (to float noise from torch-fidelity's cached reference statistics)
     for key in ("fid_fmnist", "isc_fmnist", "precision_fmnist", "recall_fmnist", "class_accuracy", "nfe"):
-        assert result[key] == reference[key], key
+        assert result[key] == pytest.approx(reference[key], rel=1e-6, abs=1e-9), key
