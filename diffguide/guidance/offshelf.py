@@ -6,9 +6,10 @@ score(y) = log [exp(t1 f_y(x0_hat)) / sum_k exp(t2 f_k(x0_hat))], t1 the joint t
 (EluCD: t2 = 0.5 t1); g = grad score, taken with respect to x0_hat (EluCD's DDPM path: no backprop through the
 denoiser) or with respect to x_t through the denoiser (through_denoiser=true); optionally RMS-normalised per sample
 (EluCD's EDM path). eps = eps_base - sqrt(1 - a_t) s_t g, with s_t = s (schedule constant) or EluCD's sine boost
-s_t = s (1 + gamma max(Sigma) sin(pi t / T) / Sigma_t), Sigma_t the DDPM posterior variance at t (in EluCD the
-mean shift is (Sigma_t + gamma max(Sigma) sin(pi t / T)) s g). The update is written in the sampler-independent eps
-form (DDIM's form of classifier guidance) rather than as a shift of the ancestral mean.
+s_t = s (1 + gamma max(Sigma) sin(pi t / T) / Sigma_t), Sigma_t the posterior variance of the sampler's own
+(respaced) step from t to the next timestep, max over the trajectory, as EluCD's respaced sampler has them (in EluCD
+the mean shift is (Sigma_t + gamma max(Sigma) sin(pi t / T)) s g). The update is written in the sampler-independent
+eps form (DDIM's form of classifier guidance) rather than as a shift of the ancestral mean.
 NFE: 1 forward, plus 1 for the backward pass through the denoiser where it is taken.
 """
 
@@ -46,9 +47,13 @@ class OffTheShelfGuidance(Guidance):
     def start(self, denoiser, labels):
         self.check_classes(self.classifier, denoiser)
         self.classifier.attach(denoiser)
-        a = denoiser.alphas_cumprod.double()
-        a_prev = torch.cat([a.new_ones(1), a[:-1]])
-        self._posterior_var = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+        # Sigma_t of each step: the sampler's trajectory when it has announced one (begin), else the full chain.
+        steps = getattr(self, "timesteps", None) or list(range(denoiser.num_train_timesteps - 1, -1, -1))
+        nexts = steps[1:] + [-1]
+        self._posterior_var = {t: (1 - denoiser.alpha(n)) / (1 - denoiser.alpha(t)) * (1 - denoiser.alpha(t) /
+                                                                                  denoiser.alpha(n))
+                               for t, n in zip(steps, nexts)}
+        self._max_var = max(self._posterior_var.values())
 
     def log_score(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         f = self.classifier.logits(x0).float()
@@ -57,9 +62,10 @@ class OffTheShelfGuidance(Guidance):
     def step_scale(self, denoiser, t: int) -> float:
         if self.schedule == "constant":
             return self.scale
-        var = self._posterior_var
-        sigma_t = float(var[max(t, 1)])
-        boost = self.gamma * float(var.max()) * math.sin(math.pi * t / denoiser.num_train_timesteps) / sigma_t
+        sigma_t = self._posterior_var.get(t, 0.0)
+        if sigma_t <= 0.0:  # the last step (to t = -1) has no posterior noise; EluCD's boost is sin(0) = 0 there too
+            return self.scale
+        boost = self.gamma * self._max_var * math.sin(math.pi * t / denoiser.num_train_timesteps) / sigma_t
         return self.scale * (1 + boost)
 
     def __call__(self, denoiser, x, t, labels):

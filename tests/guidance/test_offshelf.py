@@ -88,3 +88,15 @@ def test_parameter_errors(linear):
         OffTheShelfGuidance(linear, 1.0, schedule="cosine")
     with pytest.raises(UserError, match="temperatures"):
         OffTheShelfGuidance(linear, 1.0, temperature=0.0)
+
+
+def test_the_sine_schedule_uses_the_samplers_own_steps(toy, linear):
+    """With the sampler's trajectory announced (begin), Sigma_t is the posterior variance of its respaced step, as in
+    EluCD's respaced sampler: from t = 600 to the next timestep 300 here, its max over the trajectory."""
+    guidance = OffTheShelfGuidance(linear, scale=2.0, schedule="elucd_sine", gamma=0.3)
+    guidance.begin(toy, torch.tensor([0]), [900, 600, 300])
+    a = {t: float(toy.alphas_cumprod[t]) for t in (900, 600, 300)}
+    a[-1] = 1.0
+    var = {t: (1 - a[n]) / (1 - a[t]) * (1 - a[t] / a[n]) for t, n in ((900, 600), (600, 300), (300, -1))}
+    expected = 2.0 * (1 + 0.3 * max(var.values()) * math.sin(math.pi * 600 / 1000) / var[600])
+    assert guidance.step_scale(toy, 600) == pytest.approx(expected)
