@@ -17,6 +17,10 @@ CASES = [
     (["device=cuda:3"], "no CUDA GPU"),
     (["sampler.spacing=sideways"], "spacing 'sideways'"),
     (["steps=5000"], "exceeds the model's 1000 training timesteps"),
+    (["model=gmm", "guidance=classifier", "metric=none"], "gmm_exact for guidance=classifier"),
+    (["guidance=gfcg", "guidance.base=sideways"], "base 'sideways'"),
+    (["guidance=universal", "guidance.recurrence=0"], "recurrence must be a whole number >= 1"),
+    (["model=ddpm_cifar10", "model.source=/nowhere/ddpm", "metric=none"], "model.source=/nowhere/ddpm: no such folder"),
 ]
 
 

@@ -77,7 +77,8 @@ class Guidance:
         """A guiding classifier must know the model's classes (any classes do for an unconditional model)."""
         if denoiser.num_classes and classifier.num_classes != denoiser.num_classes:
             raise UserError(f"the classifier knows {classifier.num_classes} classes, the model "
-                            f"{denoiser.num_classes}")
+                            f"{denoiser.num_classes}: choose a classifier of this model's classes with classifier=NAME "
+                            f"(model=gmm: gmm_exact for guidance=classifier, gmm_clean for the others)")
 
     @staticmethod
     def require_null_class(name: str, denoiser: Denoiser) -> None:

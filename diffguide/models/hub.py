@@ -1,6 +1,7 @@
 """Loading pretrained diffusers / timm components from a hub id or a local folder, with one clear line when they
 cannot be had (offline cluster nodes, no cache, a typo in the id)."""
 
+import importlib.util
 import os
 
 from diffguide.errors import UserError
@@ -19,6 +20,8 @@ def offline() -> bool:
 
 
 def not_found(source: str, what: str, key: str, exc: BaseException | None = None) -> UserError:
+    if source.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(source)):
+        return UserError(f"{key}={source}: no such folder")
     if os.path.isdir(source):
         why = f"the folder {source} has no loadable {what}"
     elif offline():
@@ -34,6 +37,8 @@ def not_found(source: str, what: str, key: str, exc: BaseException | None = None
 def from_pretrained(cls, source: str, key: str, subfolder: str | None = None, what: str | None = None, **kwargs):
     """cls.from_pretrained(source, subfolder=...), with a missing model turned into one UserError line."""
     what = what or (f"{cls.__name__} ({subfolder})" if subfolder else cls.__name__)
+    if importlib.util.find_spec("accelerate") is None:  # diffusers models: else a warning on every load
+        kwargs.setdefault("low_cpu_mem_usage", False)
     try:
         return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
     except (OSError, ValueError) as exc:  # huggingface_hub's not-found and offline errors are OSErrors
