@@ -123,16 +123,16 @@ def plot(rows: list[dict], out: Path, fid_key: str | None = None) -> list[Path]:
             _save(fig, out / name)
             written.append(out / name)
         plt.close(fig)
-    written += sample_grids(rows, out)
+    written += sample_grids(groups, out)
     return written
 
 
-def sample_grids(rows: list[dict], out: Path, per_row: int = 10) -> list[Path]:
-    """samples_METHOD.png: the first `per_row` samples of each of the method's points, one row per scale."""
+def sample_grids(groups: dict[str, list[dict]], out: Path, per_row: int = 10) -> list[Path]:
+    """samples_METHOD.png: the first `per_row` samples of each curve's points, one row per scale."""
     from PIL import Image
 
     written = []
-    for label, points in _series(rows).items():
+    for label, points in groups.items():
         strips = []
         for point in points:
             folder = Path(point["_dir"])

@@ -10,7 +10,19 @@ import torch
 
 from diffguide.errors import UserError
 from diffguide.guidance.base import Guidance
+from diffguide.guidance.cfg import combine
 from diffguide.models.denoiser import Denoiser
+
+
+def prepare_weak_model(name: str, weak: Denoiser, denoiser: Denoiser) -> None:
+    """The weak model must share the main model's noise schedule and classes; it runs on its device and precision."""
+    if not torch.allclose(weak.alphas_cumprod.cpu(), denoiser.alphas_cumprod.cpu()):
+        raise UserError(f"guidance={name}: the weak model was trained on another noise schedule than the "
+                        "main model, so their predictions cannot be mixed")
+    if weak.num_classes != denoiser.num_classes:
+        raise UserError(f"guidance={name}: the weak model knows {weak.num_classes} classes, "
+                        f"the main model {denoiser.num_classes}")
+    weak.to(denoiser.device).set_precision(denoiser.autocast_dtype)
 
 
 class AutoGuidance(Guidance):
@@ -22,14 +34,8 @@ class AutoGuidance(Guidance):
         self.weak, self.scale = weak_model, self.check_scale(self.name, scale)
 
     def start(self, denoiser, labels):
-        if not torch.allclose(self.weak.alphas_cumprod.cpu(), denoiser.alphas_cumprod.cpu()):
-            raise UserError("guidance=autoguidance: the weak model was trained on another noise schedule than the "
-                            "main model, so their predictions cannot be mixed")
-        if self.weak.num_classes != denoiser.num_classes:
-            raise UserError(f"guidance=autoguidance: the weak model knows {self.weak.num_classes} classes, "
-                            f"the main model {denoiser.num_classes}")
-        self.weak.to(denoiser.device).set_precision(denoiser.autocast_dtype)
+        prepare_weak_model(self.name, self.weak, denoiser)
 
     def __call__(self, denoiser, x, t, labels):
         eps_main, eps_weak = denoiser(x, t, labels), self.weak(x, t, labels)
-        return self.from_eps(denoiser, x, t, eps_weak + self.scale * (eps_main - eps_weak), nfe=2)
+        return self.from_eps(denoiser, x, t, combine(eps_weak, eps_main, self.scale), nfe=2)

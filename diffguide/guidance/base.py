@@ -45,6 +45,9 @@ class Guidance:
     #: Self-recurrence (Universal Guidance, TFG): the sampler takes each step this many times, re-noising the result
     #: back to the step's noise level in between (x_t = sqrt(a_t / a_next) x_next + sqrt(1 - a_t / a_next) z).
     recurrence: int = 1
+    #: Set by `begin`: the trajectory's descending timesteps and the sampler's per-sample noise source.
+    timesteps: list[int] | None = None
+    noise: Callable[[], torch.Tensor] | None = None
 
     def start(self, denoiser: Denoiser, labels: torch.Tensor) -> None:
         pass

@@ -22,7 +22,9 @@ import torch
 
 from diffguide.classifiers.clean import CleanClassifier
 from diffguide.errors import UserError
+from diffguide.guidance.autoguidance import prepare_weak_model
 from diffguide.guidance.base import Guidance
+from diffguide.guidance.cfg import combine
 from diffguide.models.denoiser import Denoiser
 
 BASES = ("none", "cfg", "autoguidance")
@@ -57,10 +59,7 @@ class GradientFreeClassifierGuidance(Guidance):
         if self.base == "cfg":
             self.require_null_class(self.name, denoiser)
         if self.base == "autoguidance":
-            if self.weak.num_classes != denoiser.num_classes:
-                raise UserError(f"guidance=gfcg: the weak model knows {self.weak.num_classes} classes, "
-                                f"the main model {denoiser.num_classes}")
-            self.weak.to(denoiser.device).set_precision(denoiser.autocast_dtype)
+            prepare_weak_model(self.name, self.weak, denoiser)
 
     @torch.no_grad()
     def reference(self, x0: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,10 +73,10 @@ class GradientFreeClassifierGuidance(Guidance):
     def __call__(self, denoiser, x, t, labels):
         if self.base == "cfg":
             eps_u, eps_c = denoiser.eps_many(x, t, [denoiser.null_labels(labels), labels])
-            eps_base, nfe = eps_u + self.base_scale * (eps_c - eps_u), 3
+            eps_base, nfe = combine(eps_u, eps_c, self.base_scale), 3
         elif self.base == "autoguidance":
             eps_c, eps_w = denoiser(x, t, labels), self.weak(x, t, labels)
-            eps_base, nfe = eps_w + self.base_scale * (eps_c - eps_w), 3
+            eps_base, nfe = combine(eps_w, eps_c, self.base_scale), 3
         else:
             eps_c = denoiser(x, t, labels)
             eps_base, nfe = eps_c, 2

@@ -48,7 +48,7 @@ class OffTheShelfGuidance(Guidance):
         self.check_classes(self.classifier, denoiser)
         self.classifier.attach(denoiser)
         # Sigma_t of each step: the sampler's trajectory when it has announced one (begin), else the full chain.
-        steps = getattr(self, "timesteps", None) or list(range(denoiser.num_train_timesteps - 1, -1, -1))
+        steps = self.timesteps or list(range(denoiser.num_train_timesteps - 1, -1, -1))
         nexts = steps[1:] + [-1]
         self._posterior_var = {t: (1 - denoiser.alpha(n)) / (1 - denoiser.alpha(t)) * (1 - denoiser.alpha(t) /
                                                                                   denoiser.alpha(n))

@@ -58,7 +58,6 @@ class UniversalGuidance(Guidance):
         self.mc_samples, self.iter_steps, self.recurrence = mc_samples, iter_steps, recurrence
         self.rho_schedule, self.mu_schedule, self.sigma_schedule = rho_schedule, mu_schedule, sigma_schedule
         self.conditional_model = conditional_model
-        self.timesteps, self.noise = None, None
 
     def start(self, denoiser, labels):
         self.check_classes(self.classifier, denoiser)

@@ -59,8 +59,12 @@ class FidelityMetric(Metric):
         """The feature extractor, its weights and the reference input (input2)."""
         raise NotImplementedError
 
-    #: a reference statistics/images file (.npz), set by subclasses whose `reference` names one
-    reference_file: Path | None = None
+    #: the reference set: a subclass's own names, or a reference batch file (.npz, see ReferenceFile)
+    reference: str = ""
+
+    @property
+    def reference_file(self) -> Path | None:
+        return Path(self.reference) if str(self.reference).endswith(".npz") else None
 
     def __call__(self, samples_dir, labels, device):
         n = len(labels)
@@ -209,9 +213,8 @@ class FashionMNISTMetrics(FidelityMetric):
 
     def check(self):
         evaluator_lib.load(self.evaluator_path)
-        if str(self.reference).endswith(".npz"):
-            ReferenceFile.check(Path(self.reference))
-            self.reference_file = Path(self.reference)
+        if self.reference_file is not None:
+            ReferenceFile.check(self.reference_file)
         else:
             fashion_mnist.check_available(self.reference)
 
@@ -273,9 +276,8 @@ class InceptionMetrics(FidelityMetric):
                             f"({', '.join(FEATURE_EXTRACTORS_REGISTRY)})")
         if self.weights is not None and not Path(self.weights).is_file():
             raise UserError(f"feature extractor weights file not found: {self.weights} (metric.weights)")
-        if str(self.reference).endswith(".npz") and Path(self.reference).is_file():
-            ReferenceFile.check(Path(self.reference))
-            self.reference_file = Path(self.reference)
+        if self.reference_file is not None:
+            ReferenceFile.check(self.reference_file)
         elif self.reference not in DATASETS_REGISTRY and not Path(self.reference).is_dir():
             raise UserError(f"metric.reference={self.reference!r} is neither a torch-fidelity dataset "
                             f"({', '.join(sorted(DATASETS_REGISTRY))}), a folder of images, nor an .npz file")

@@ -1,6 +1,5 @@
 """The Denoiser interface every model family sits behind."""
 
-from contextlib import nullcontext
 from typing import Sequence
 
 import torch
@@ -42,11 +41,13 @@ class Denoiser(nn.Module):
     def _eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def autocast(self, device_type: str):
+        """The precision context of the networks: autocast in `autocast_dtype`, or plain float32."""
+        return torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
     def forward(self, x: torch.Tensor, t: int, labels: torch.Tensor | None) -> torch.Tensor:
         t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-        autocast = (torch.autocast(x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
-                    else nullcontext())
-        with autocast:
+        with self.autocast(x.device.type):
             return self._eps(x, t_batch, labels).float()
 
     def eps_many(self, x: torch.Tensor, t: int, label_sets: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:

@@ -35,9 +35,7 @@ class LatentDiT(Denoiser):
         images = []
         dtype = next(self.vae.parameters()).dtype
         for chunk in x0.split(self.decode_batch_size):
-            autocast = (torch.autocast(chunk.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-                        else torch.autocast(chunk.device.type, enabled=False))
-            with autocast:
+            with self.autocast(chunk.device.type):
                 images.append(self.vae.decode((chunk / self.scaling_factor).to(dtype)).sample.float())
         return torch.cat(images).clamp(-1, 1)
 

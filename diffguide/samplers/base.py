@@ -87,7 +87,7 @@ class Sampler:
 
         self.reset()
         guidance.begin(denoiser, labels, timesteps, noise)
-        repeats = int(getattr(guidance, "recurrence", 1))
+        repeats = guidance.recurrence
         x, nfe = x_T, 0.0
         for i, t in enumerate(timesteps):
             t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
