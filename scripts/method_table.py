@@ -2,7 +2,7 @@
 
     python scripts/method_table.py [--out outputs/method_table] [--num-samples 1000] [--only cfg,apg] [--dry-run]
 
-Runs `python -m diffguide.run guidance=NAME scale=S out_dir=OUT/NAME/scale=S` for every point of the grid below
+Runs `python -m diffguide.run guidance=NAME scale=S out_dir=OUT/NAME/scale_S` for every point of the grid below
 (default sampler DDIM, 25 steps, seed 0, so every method sees the same initial noise and labels), one point at a
 time; a point whose metrics.json already exists is not run again, so an interrupted sweep resumes where it stopped.
 Then prints two markdown tables: the best scale of each method (lowest FID), and every point of the sweep.
@@ -51,10 +51,15 @@ def point_dir(out: Path, name: str, scale) -> Path:
     return out / folder / ("default" if scale is None else f"scale_{scale:g}")
 
 
+def read_point(out: Path, name: str, scale) -> dict | None:
+    """A finished point's metrics, under the row's own name (variants share their method's `guidance`)."""
+    metrics = point_dir(out, name, scale) / "metrics.json"
+    return {**json.loads(metrics.read_text()), "guidance": name} if metrics.exists() else None
+
+
 def run_point(out: Path, name: str, scale, num_samples: int, extra: list[str]) -> dict | None:
     folder = point_dir(out, name, scale)
-    metrics = folder / "metrics.json"
-    if not metrics.exists():
+    if not (folder / "metrics.json").exists():
         guidance, variant = VARIANTS.get(name, (name, []))
         cmd = [sys.executable, "-m", "diffguide.run", f"guidance={guidance}", *variant, f"num_samples={num_samples}",
                f"out_dir={folder}", "logger=none", *([] if scale is None else [f"scale={scale}"]), *extra]
@@ -63,7 +68,7 @@ def run_point(out: Path, name: str, scale, num_samples: int, extra: list[str]) -
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
                 print(f"  failed: see {out / 'sweep.log'}", file=sys.stderr)
                 return None
-    return {**json.loads(metrics.read_text()), "guidance": name}
+    return read_point(out, name, scale)
 
 
 def table(rows: list[dict]) -> str:
@@ -93,11 +98,8 @@ def main() -> None:
     for name in names:
         results = []
         for scale in GRID[name]:
-            if args.dry_run:
-                path = point_dir(args.out, name, scale) / "metrics.json"
-                result = {**json.loads(path.read_text()), "guidance": name} if path.exists() else None
-            else:
-                result = run_point(args.out, name, scale, args.num_samples, args.extra)
+            result = (read_point(args.out, name, scale) if args.dry_run
+                      else run_point(args.out, name, scale, args.num_samples, args.extra))
             if result is not None:
                 results.append(result)
         every += results

@@ -6,15 +6,10 @@ import torch
 from diffguide.errors import UserError
 from diffguide.guidance.gfcg import GradientFreeClassifierGuidance
 from tests.conftest import ToyDenoiser
-from tests.guidance.test_offshelf import LinearClassifier
+from tests.guidance.conftest import LinearClassifier
 
 X = torch.tensor([[[[0.2, -0.3], [0.4, 0.1]]], [[[-0.5, 0.6], [0.0, 0.3]]]])
 LABELS = torch.tensor([0, 2])
-
-
-@pytest.fixture
-def linear():
-    return LinearClassifier(torch.tensor([[1.0, 0.0, -1.0, 0.5], [0.0, 2.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5]]))
 
 
 class WeakToy(ToyDenoiser):

@@ -13,9 +13,7 @@ from diffguide.guidance.classifier import ClassifierGuidance
 from diffguide.guidance.offshelf import OffTheShelfGuidance
 from diffguide.guidance.universal import UniversalGuidance
 from diffguide.samplers.ddpm import DDPM
-from tests.guidance.test_offshelf import LinearClassifier
-
-W = torch.tensor([[1.0, 0.0, -1.0, 0.5], [0.0, 2.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5]])
+from tests.guidance.conftest import W, LinearClassifier
 
 
 class LinearNoisyClassifier(Classifier):

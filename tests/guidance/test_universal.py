@@ -6,14 +6,8 @@ import torch
 from diffguide.errors import UserError
 from diffguide.guidance.universal import UniversalGuidance
 from diffguide.samplers.ddim import DDIM
-from tests.guidance.test_offshelf import LinearClassifier
 
 X = torch.tensor([[[[0.2, -0.3], [0.4, 0.1]]]])
-
-
-@pytest.fixture
-def linear():
-    return LinearClassifier(torch.tensor([[1.0, 0.0, -1.0, 0.5], [0.0, 2.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5]]))
 
 
 def grad_log_softmax(W, z, y):
