@@ -60,7 +60,9 @@ def main():
         # the weak model: the same ring, its components twice as wide (a model that has not learnt them sharply)
         f"autoguidance w={w:g}": AutoGuidance(gmm.ring(num_classes=4, radius=2.0, std=1.0), w),
         # clean-data gradients do not shrink with the noise: with 50 steps s = 1 throws samples far past the class
+        # (its panel's mean says where they went, out of the frame)
         "offshelf (exact p(y|x0)) s=0.05": OffTheShelfGuidance(ExactMixtureCleanClassifier(model), 0.05),
+        "offshelf (exact p(y|x0)) s=1": OffTheShelfGuidance(ExactMixtureCleanClassifier(model), 1.0),
         f"gfcg s={w:g} (base: cond.)": GradientFreeClassifierGuidance(ExactMixtureCleanClassifier(model), w,
                                                                      base="none"),
         "universal (TFG) s=1": UniversalGuidance(ExactMixtureCleanClassifier(model), 1.0),
@@ -79,7 +81,8 @@ def main():
         nfe = float(nfe.mean()) if torch.is_tensor(nfe) else nfe
         ax.scatter(truth[:, 0], truth[:, 1], s=1, c=truth_labels, cmap="tab10", alpha=0.15, vmin=0, vmax=9)
         ax.scatter(x[:, 0], x[:, 1], s=2, c="black")
-        ax.set_title(f"{name}\nNFE {nfe:g}", fontsize=9)
+        ax.set_title(f"{name}\nNFE {nfe:g}, mean ({float(x[:, 0].mean()):.1f}, {float(x[:, 1].mean()):.1f})",
+                     fontsize=9)
         ax.set_aspect("equal")
         ax.set_xlim(-4.5, 4.5)
         ax.set_ylim(-4.5, 4.5)

@@ -110,6 +110,10 @@ def main() -> None:
     print(table(best))
     print("\n## Every point of the sweep\n")
     print(table(every))
+    rescored = sum(1 for r in every if r.get("images_generated") == 0)
+    minutes = sum(r.get("wall_time_s", 0.0) for r in every) / 60
+    print(f"\n{len(every)} points; their runs took {minutes:.0f} min (sum of wall_time_s)"
+          + (f", {rescored} of them only re-scored samples made earlier" if rescored else ""))
 
 
 if __name__ == "__main__":
