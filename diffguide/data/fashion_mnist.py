@@ -17,6 +17,7 @@ _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
 }
+SPLITS = tuple(_FILES)
 
 
 def search_dirs() -> list[Path]:
@@ -47,6 +48,8 @@ def missing_message() -> str:
 
 
 def check_available(split: str = "train") -> None:
+    if split not in _FILES:
+        raise UserError(f"unknown Fashion-MNIST split {split!r}: use one of {', '.join(SPLITS)}")
     images, labels, _ = _FILES[split]
     if _find(images) is None or _find(labels) is None:
         raise UserError(missing_message())
@@ -54,8 +57,6 @@ def check_available(split: str = "train") -> None:
 
 def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Images as uint8 (N, 1, 28, 28) and labels as int64 (N,)."""
-    if split not in _FILES:
-        raise UserError(f"unknown Fashion-MNIST split {split!r}: use one of {sorted(_FILES)}")
     check_available(split)
     images_name, labels_name, count = _FILES[split]
     images = _read_idx(_find(images_name), 16)

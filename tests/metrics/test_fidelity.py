@@ -43,7 +43,7 @@ def scored(tmp_path_factory, tiny_evaluator_path, fidelity_cache):
         store.write(i, images[j].permute(1, 2, 0).numpy(), {"seed": i, "label": int(wrong[i]), "nfe": 1})
     metric = FashionMNISTMetrics(str(tiny_evaluator_path), isc_splits=1, kid_subset_size=100,
                                  cache_root=str(fidelity_cache))
-    metric.check()
+    metric.check(len(wrong))
     scores = metric(store.dir, wrong.tolist(), torch.device("cpu"))
     return scores, images, chosen, wrong, evaluator_lib.load(tiny_evaluator_path), store.dir
 
@@ -97,7 +97,7 @@ def _npz_case(tmp_path, scored, tiny_evaluator_path, fidelity_cache, **arrays):
     store_dir = scored[-1]
     metric = FashionMNISTMetrics(str(tiny_evaluator_path), reference=str(path), isc_splits=1, kid_subset_size=100,
                                  cache_root=str(fidelity_cache))
-    metric.check()
+    metric.check(len(wrong))
     return metric(store_dir, wrong.tolist(), torch.device("cpu"))
 
 
@@ -128,18 +128,22 @@ def test_an_npz_without_images_or_statistics_is_refused(tmp_path, tiny_evaluator
 
     np.savez(tmp_path / "bad.npz", something=np.zeros(3))
     with pytest.raises(UserError, match="arr_0"):
-        FashionMNISTMetrics(str(tiny_evaluator_path), reference=str(tmp_path / "bad.npz")).check()
+        FashionMNISTMetrics(str(tiny_evaluator_path), reference=str(tmp_path / "bad.npz")).check(100)
 
 
 def test_dinov2_option_and_unknown_extractors(tmp_path):
     from diffguide.errors import UserError
     from diffguide.metrics.fidelity import InceptionMetrics
 
+    from PIL import Image
+
+    for i in range(4):  # a reference folder with enough images for precision/recall
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
     dinov2 = InceptionMetrics(str(tmp_path), feature_extractor="dinov2-vit-l-14")
-    dinov2.check()
+    dinov2.check(100)
     assert dinov2.flags["isc"] is False and dinov2.suffix == "_dinov2"
     assert dinov2.fidelity_kwargs()["feature_extractor"] == "dinov2-vit-l-14"
     with pytest.raises(UserError, match="not one of torch-fidelity's"):
-        InceptionMetrics(str(tmp_path), feature_extractor="inception-v4").check()
+        InceptionMetrics(str(tmp_path), feature_extractor="inception-v4").check(100)
     with pytest.raises(UserError, match="npz"):
-        InceptionMetrics(str(tmp_path / "no-such-folder")).check()
+        InceptionMetrics(str(tmp_path / "no-such-folder")).check(100)
