@@ -1,29 +1,46 @@
 """`python -m diffguide.run [-m] key=value ...`: sample with a guidance method, then score the samples."""
 
+import errno
 import json
 import math
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
+
+
+def _interrupted_hook(kind, value, tb, _default=sys.excepthook):
+    """Ctrl-C while the libraries import: one line, not an import traceback (after that, `entry` answers it)."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("interrupted before any work started; nothing was written", file=sys.stderr, flush=True)
+        os._exit(130)
+    _default(kind, value, tb)
+
+
+sys.excepthook = _interrupted_hook
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra._internal.utils import get_args_parser
+from hydra.errors import HydraException
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from diffguide import checkpoint, distributed
+from diffguide import checkpoint, cli, distributed
 from diffguide.distributed import Shard
 from diffguide.logging.base import NoLogger
 from diffguide.config import CONF_DIR, register
 from diffguide.errors import UserError
 from diffguide.runtime import resolve_device, resolve_precision
-from diffguide.samples import SampleStore, initial_noise, labels_for, to_uint8
+from diffguide.samples import SampleStore, initial_noise, labels_for, run_digest, to_uint8
 
 register()
+SEED_MAX = 2 ** 64 - 1
 
 
 def validate(cfg: DictConfig) -> None:
@@ -33,6 +50,10 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"{key} must be >= {lo} (got {cfg[key]})")
     if cfg.scale is not None and not math.isfinite(cfg.scale):
         raise UserError(f"scale must be a finite number (got {cfg.scale})")
+    resolve_device(cfg.device)
+    if cfg.seed + cfg.num_samples - 1 > SEED_MAX:  # sample i is seeded with seed + i, a 64-bit generator seed
+        raise UserError(f"seed + num_samples - 1 must be <= {SEED_MAX} (2^64 - 1), the largest generator seed "
+                        f"(got seed={cfg.seed}, num_samples={cfg.num_samples})")
 
 
 def _instantiate(node):
@@ -48,20 +69,51 @@ def _instantiate(node):
         raise
 
 
-def fingerprint(cfg: DictConfig) -> dict:
-    """The settings an image depends on (not batch size, device split or sample count)."""
+def dependency_files(node, prefix: str) -> dict[str, str]:
+    """config key -> path, for every value under `node` that names an existing file or folder (weights, a weak model,
+    a classifier, a hub folder): what the images depend on besides the settings themselves."""
+    found = {}
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found.update(dependency_files(value, f"{prefix}.{key}"))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found.update(dependency_files(value, f"{prefix}.{i}"))
+    elif isinstance(node, str) and node and ("/" in node or node.endswith(".safetensors")) and Path(node).exists():
+        found[prefix] = node
+    return found
+
+
+def fingerprint(cfg: DictConfig) -> tuple[dict, dict[str, str]]:
+    """The settings an image depends on (not batch size, device split or sample count), with the content digest of
+    every file they name; and those files' paths by config key (to name the one that changed)."""
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    fp = {key: resolved[key] for key in ("model", "sampler", "guidance", "classifier", "seed", "precision")}
-    weights = resolved["model"].get("weights") if isinstance(resolved["model"], dict) else None
-    if weights and Path(weights).is_file():
-        fp["model_weights_sha256"] = checkpoint.file_digest(weights, 16)
-    return fp
+    keys = ("model", "sampler", "guidance", "classifier", "seed", "precision")
+    fp = {key: resolved[key] for key in keys}
+    files = {}
+    for key in ("model", "sampler", "guidance", "classifier"):
+        files.update(dependency_files(resolved[key], key))
+    fp["files"] = {key: checkpoint.path_digest(path) for key, path in sorted(files.items())}
+    return fp, files
 
 
 def job_identity(out_dir: Path) -> tuple[str, str | None]:
     """A name for the job (its folder's) and, in a sweep, the group it belongs to (the sweep folder's name)."""
     hc = HydraConfig.get()
     return out_dir.name, Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+
+
+class Progress:
+    """What a Ctrl-C or a full disk reports: how many of the run's samples are on disk."""
+
+    store: SampleStore | None = None
+    total: int = 0
+
+    @classmethod
+    def kept(cls) -> str:
+        if cls.store is None:
+            return "before sampling; nothing was written"
+        return f"{len(cls.store.existing() & set(range(cls.total)))} of {cls.total} samples kept in {cls.store.dir}"
 
 
 def generate(cfg, denoiser, sampler, guidance, store: SampleStore, device, logger, shard: Shard = Shard()) -> dict:
@@ -71,8 +123,10 @@ def generate(cfg, denoiser, sampler, guidance, store: SampleStore, device, logge
     start = time.perf_counter()
     done = 0
     what = f"sampling {len(missing)} of {cfg.num_samples}" + (f" (rank {shard.rank})" if shard.world > 1 else "")
-    with tqdm(total=len(batches) * steps, desc=what, unit="step", disable=not batches, file=sys.stderr) as bar:
-
+    # A bar on a terminal only (disable=None): in logs and pipes it is noise, and stderr stays for what went wrong.
+    bar = tqdm(total=len(batches) * steps, desc=what, unit="step", disable=None if batches else True,
+               file=sys.stderr)
+    try:
         def on_step(step: int, total: int) -> None:
             bar.update(1)
             logger.progress({"step": bar.n, "batch_step": step, "elapsed_s": time.perf_counter() - start})
@@ -88,11 +142,22 @@ def generate(cfg, denoiser, sampler, guidance, store: SampleStore, device, logge
             pixels = to_uint8(denoiser.decode(x0))
             nfe_each = nfe.tolist() if torch.is_tensor(nfe) else [float(nfe)] * len(indices)
             for index, image, label, sample_nfe in zip(indices, pixels, labels.tolist(), nfe_each):
-                store.write(index, image, {"seed": cfg.seed + index, "label": label, "nfe": sample_nfe})
-            done += len(indices)
+                try:
+                    store.write(index, image, {"seed": cfg.seed + index, "label": label, "nfe": sample_nfe,
+                                               "run": store.run_id})
+                except checkpoint.DiskFull as exc:
+                    left = len(missing) - done
+                    raise checkpoint.DiskFull(f"{exc}; the {left} samples still to make need about "
+                                              f"{checkpoint.human_bytes(left * len(image.tobytes()) * 1.1)}") from None
+                done += 1
             elapsed = time.perf_counter() - start
             logger.progress({"step": bar.n, "images": cfg.num_samples - len(missing) + done,
                              "images_per_s": done / elapsed})
+    except BaseException:
+        bar.leave = False  # what went wrong is the last word, not a half-finished bar
+        raise
+    finally:
+        bar.close()
     wall = time.perf_counter() - start
     return {"images_generated": done, "sampling_wall_s": round(wall, 3),
             "images_per_s": round(done / wall, 3) if done else None}
@@ -103,28 +168,65 @@ def run(cfg: DictConfig) -> dict:
     validate(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     shard, device = distributed.setup(resolve_device(cfg.device))
+    try:
+        return _run(cfg, out_dir, shard, device, total_start)
+    finally:
+        distributed.teardown()
+
+
+def _run(cfg: DictConfig, out_dir: Path, shard: Shard, device: torch.device, total_start: float) -> dict:
     if shard.world > 1 and cfg.out_dir is None:
         raise UserError(f"a run over {shard.world} processes needs out_dir= (every rank must write to the same "
                         f"folder, and the default one is named by each process's clock)")
     dtype = resolve_precision(cfg.precision.value if hasattr(cfg.precision, "value") else cfg.precision)
 
-    # Build and check everything before any long work: a bad config or a missing file fails here.
-    denoiser = _instantiate(cfg.model).to(device)
-    denoiser.set_precision(dtype)
-    sampler = _instantiate(cfg.sampler)
-    sampler.check(denoiser)
-    guidance = _instantiate(cfg.guidance)
-    guidance.start(denoiser, labels_for([0], denoiser.num_classes))
-    metric = _instantiate(cfg.metric)
-    metric.check()
-    store = SampleStore(out_dir)
-    if shard.main:  # one rank records the settings and clears a killed run's temp files, before anyone writes
-        store.claim(fingerprint(cfg))
-    shard.barrier()
-    if not shard.main:
-        store.claim(fingerprint(cfg), clean=False)
-    logger = _instantiate(cfg.logger) if shard.main else NoLogger()
+    # Build and check everything before any long work: a bad config or a missing file fails here, as one line:
+    # the libraries' warnings of this phase are shown only once it has passed.
+    with warnings.catch_warnings(record=True) as caught:
+        denoiser = _instantiate(cfg.model).to(device)
+        denoiser.set_precision(dtype)
+        sampler = _instantiate(cfg.sampler)
+        sampler.check(denoiser)
+        guidance = _instantiate(cfg.guidance)
+        guidance.start(denoiser, labels_for([0], denoiser.num_classes))
+        metric = _instantiate(cfg.metric)
+        metric.check(cfg.num_samples)
+        settings, files = fingerprint(cfg)
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
+    store = SampleStore(out_dir)
+    problem = None
+    if shard.main:  # rank 0 holds the folder for the whole job and readies it before any rank writes
+        try:
+            store.lock()
+            store.clean()
+            store.run_id = store.claim(settings, files)
+            remade = store.verify(cfg.num_samples, denoiser.image_shape, cfg.seed, denoiser.num_classes, store.run_id)
+            if remade:
+                print(f"diffguide: warning: {len(remade)} existing sample(s) are damaged or not this run's and will be "
+                      f"made again ({'; '.join(remade[:3])}{'; ...' if len(remade) > 3 else ''})", file=sys.stderr)
+        except BaseException as exc:
+            store.release()
+            if not isinstance(exc, UserError):
+                raise
+            problem = exc
+    if shard.world > 1 and shard.total(problem is not None):  # every rank learns whether rank 0 could start
+        raise problem or UserError("rank 0 could not take the run folder (its error says why)")
+    if problem is not None:
+        raise problem
+    if not shard.main:
+        store.run_id = run_digest(settings)
+    Progress.store, Progress.total = store, cfg.num_samples
+    try:
+        return _sample_and_score(cfg, out_dir, shard, device, total_start, denoiser, sampler, guidance, metric,
+                                 store)
+    finally:
+        store.release()
+
+
+def _sample_and_score(cfg, out_dir, shard, device, total_start, denoiser, sampler, guidance, metric, store) -> dict:
+    logger = _instantiate(cfg.logger) if shard.main else NoLogger()
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if shard.main:
         checkpoint.atomic_write_text(out_dir / "config.resolved.yaml", OmegaConf.to_yaml(resolved))
@@ -146,18 +248,19 @@ def run(cfg: DictConfig) -> dict:
         grid = store.write_grid(cfg.grid_size)
         score_start = time.perf_counter()
         scores = metric(store.dir, [m["label"] for m in metas], device)
+        metric_files = dependency_files(resolved["metric"], "metric") if isinstance(resolved["metric"], dict) else {}
         result = {"guidance": guidance.name, "scale": guidance.scale, "sampler": sampler.name, "steps": cfg.steps,
                   **scores, "nfe": sum(m["nfe"] for m in metas) / len(metas), "num_samples": cfg.num_samples,
                   **sampling, "scoring_wall_s": round(time.perf_counter() - score_start, 3),
                   "wall_time_s": round(time.perf_counter() - total_start, 3), "device": str(device),
+                  "files_sha256": {**fingerprint(cfg)[0]["files"],
+                                   **{k: checkpoint.path_digest(p) for k, p in metric_files.items()}},
                   "config": resolved}
         checkpoint.atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
         (out_dir / "failed.json").unlink(missing_ok=True)  # an earlier attempt's failure is no longer true
     except BaseException:
         logger.finish({}, None)
         raise
-    finally:
-        distributed.teardown()
     logger.finish(result, grid)
     print(json.dumps({k: v for k, v in result.items() if k != "config"}))
     return result
@@ -168,13 +271,22 @@ FAILED: list[str] = []
 
 
 def record_failure(cfg: DictConfig, reason: str) -> None:
-    """failed.json beside the point's other files: what was asked and why it stopped (diffguide.report reads it)."""
+    """failed.json beside the point's other files: what was asked and why it stopped, under the names metrics.json
+    uses (the method's own name, the scale it resolved to), so diffguide.report joins the two."""
     try:
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        guidance = OmegaConf.select(cfg, "guidance._target_", default="") or ""
-        failure = {"guidance": guidance.rsplit(".", 1)[-1], "scale": OmegaConf.select(cfg, "scale", default=None),
-                   "sampler": (OmegaConf.select(cfg, "sampler._target_", default="") or "").rsplit(".", 1)[-1],
+        target = OmegaConf.select(cfg, "guidance._target_", default="") or ""
+        try:
+            guidance_name = getattr(get_class(target), "name", None) or target.rsplit(".", 1)[-1]
+        except Exception:
+            guidance_name = target.rsplit(".", 1)[-1]
+        try:
+            scale = OmegaConf.select(cfg, "guidance.scale", default=None)
+        except OmegaConfBaseException:
+            scale = None
+        failure = {"guidance": guidance_name, "scale": scale,
+                   "sampler": (OmegaConf.select(cfg, "sampler._target_", default="") or "").rsplit(".", 1)[-1].lower(),
                    "steps": OmegaConf.select(cfg, "steps", default=None), "reason": reason,
                    "overrides": list(HydraConfig.get().overrides.task)}
         checkpoint.atomic_write_text(out_dir / "failed.json", json.dumps(failure, indent=2))
@@ -182,31 +294,87 @@ def record_failure(cfg: DictConfig, reason: str) -> None:
         print(f"diffguide: could not write failed.json: {exc}", file=sys.stderr)
 
 
+def _reason(exc: BaseException) -> str | None:
+    """One line for an error the user can fix, None for a programming error."""
+    if isinstance(exc, UserError):
+        return str(exc).splitlines()[0]
+    if isinstance(exc, OmegaConfBaseException):
+        return cli.describe(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device of {exc.filename or Progress.store and Progress.store.out_dir}"
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         run(cfg)
-    except (UserError, OmegaConfBaseException) as exc:
-        reason = str(exc).splitlines()[0]
+    except KeyboardInterrupt:
+        raise  # entry() says what was kept
     except Exception as exc:
-        if not multirun:
-            raise
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        reason = _reason(exc)
+        if reason is None:
+            if not multirun:
+                raise
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     else:
         return
     record_failure(cfg, reason)
     print(f"diffguide: error: {reason}", file=sys.stderr)
     if not multirun:
-        sys.exit(2)
+        sys.exit(2)  # SystemExit passes Hydra by; an exception would add its "Error executing job" line
     # In a sweep, one bad point is recorded and the others still run; the process exits non-zero at the end.
     FAILED.append(f"{HydraConfig.get().job.override_dirname or HydraConfig.get().runtime.output_dir}: {reason}")
 
 
-if __name__ == "__main__":
-    main()
+def entry(argv: list[str] | None = None) -> int:
+    """The command: check every point of the command line, then let Hydra run it; one line for any user error."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = get_args_parser()
+
+    def refuse(message):
+        raise UserError(f"{message} (usage: python -m diffguide.run [-m] key=value ...)")
+
+    parser.error = refuse  # argparse would print its usage block and exit
+    try:
+        args = parser.parse_intermixed_args(argv)  # `-m` may stand anywhere, as users type it
+    except UserError as exc:
+        print(f"diffguide: error: {exc}", file=sys.stderr)
+        return 2
+    plain = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.config_path
+                 or args.config_name or args.config_dir or args.experimental_rerun)
+    if plain:
+        problems = cli.precheck(args.overrides, args.multirun)
+        for line in problems:
+            print(f"diffguide: error: {line}", file=sys.stderr)
+        if problems:
+            return 2
+        sys.argv = [sys.argv[0], *(["-m"] if args.multirun else []), *args.overrides]
+    # Hydra's own reporting prints several lines; with HYDRA_FULL_ERROR its exceptions reach us instead.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"interrupted: {Progress.kept()}; run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        reason = _reason(exc) or (cli.describe(exc, args.overrides) if _from_config(exc) else None)
+        if reason is None:
+            raise
+        print(f"diffguide: error: {reason}", file=sys.stderr)
+        return 2
     if FAILED:
         print(f"diffguide: {len(FAILED)} point(s) of the sweep failed (failed.json in each):", file=sys.stderr)
         for line in FAILED:
             print(f"  {line}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+def _from_config(exc: BaseException) -> bool:
+    return isinstance(exc, (HydraException, OmegaConfBaseException))
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

@@ -14,8 +14,21 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name} asked for, but this machine has no CUDA GPU: use device=cpu or device=auto")
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device={name} asked for, but this machine has no CUDA GPU: use device=cpu or device=auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device={name} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
+                            f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return device
+    # mps, xpu, ...: torch.backends.mps / torch.xpu say whether this build and machine have one
+    backend = getattr(torch.backends, device.type, None) or getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise UserError(f"device={name} asked for, but this machine (or this torch build) has no {device.type} "
+                        f"device: use device=cpu or device=auto")
     return device
 
 

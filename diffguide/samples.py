@@ -4,9 +4,16 @@ Sample i starts from noise drawn with seed `seed + i` and keeps its own generato
 depends on neither the batch size nor the split of the work, and a rerun can make exactly the missing ones.
 """
 
+import fcntl
+import hashlib
 import io
 import json
+import os
 import re
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -14,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from diffguide.checkpoint import atomic_write_bytes, atomic_write_text
+from diffguide.checkpoint import atomic_write_bytes, atomic_write_text, clean_stale_temps
 from diffguide.errors import UserError
 
 _NAME = re.compile(r"^(\d{6,})\.png$")
@@ -52,34 +59,152 @@ def read_meta(path: Path) -> dict:
         return json.loads(img.text[META_KEY])
 
 
+def _try_meta(path: Path) -> dict | None:
+    try:
+        return read_meta(path)
+    except Exception:  # a damaged file has no metadata to offer, whatever PIL raises
+        return None
+
+
+def run_digest(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _settings_differ(out_dir: Path, previous: dict, fingerprint: dict, files: dict[str, str]) -> str:
+    old, new = _flatten({k: v for k, v in previous.items() if k != "files"}), \
+        _flatten({k: v for k, v in fingerprint.items() if k != "files"})
+    changed = [f"{k}: {old.get(k, '(unset)')} there, {new.get(k, '(unset)')} now" for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k)]
+    old_files, new_files = previous.get("files") or {}, fingerprint.get("files") or {}
+    changed += [f"{k} ({files.get(k, 'a file')}) changed since those samples were made" for k in sorted(set(old_files) & set(new_files))
+                if old_files[k] != new_files[k]]
+    changed += [f"{k}: not recorded there" for k in sorted(set(new_files) - set(old_files)) if k not in old]
+    if not changed:
+        changed = ["the recorded settings"]
+    return (f"{out_dir} holds samples made with other settings ({'; '.join(changed[:3])}"
+            f"{'; ...' if len(changed) > 3 else ''}); use another out_dir, or delete that folder to start over")
+
+
 class SampleStore:
-    """`out_dir/samples/{i:06d}.png`, plus `out_dir/sampling.json`, the settings the images were made with."""
+    """`out_dir/samples/{i:06d}.png`, plus `out_dir/sampling.json`, the settings the images were made with.
+
+    Every PNG carries its index, seed, label and the digest of those settings (`run`), so a resumed run can tell a
+    sample of this experiment from a damaged file or one of another run, and can rebuild a lost sampling.json."""
 
     def __init__(self, out_dir: Path):
         self.out_dir = Path(out_dir)
         self.dir = self.out_dir / "samples"
         self.fingerprint_path = self.out_dir / "sampling.json"
+        self.lock_path = self.out_dir / ".diffguide.lock"
+        self._lock_fd: int | None = None
+        #: the digest of the settings (`claim`), written into every sample's metadata
+        self.run_id: str | None = None
 
     def path(self, index: int) -> Path:
         return self.dir / f"{index:06d}.png"
 
-    def claim(self, fingerprint: dict, clean: bool = True) -> None:
-        """Record what the samples are made with; refuse to mix them with samples of other settings. clean: delete
-        the temp files a killed run left (only one process of a multi-process run may, before any writes)."""
+    def lock(self) -> None:
+        """Hold the run folder for this process until `release` (or its exit: the kernel drops a dead holder's
+        flock, so a killed run never leaves the folder stuck). flock works across the nodes of NFS v4 and of Lustre
+        or GPFS mounted with their flock option. A second run on the same folder stops with one line that names the
+        holder; the ranks of one multi-process run share the lock their rank 0 took."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{self.out_dir} is in use by another diffguide run ({holder}); wait for it to finish, "
+                            f"or use another out_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def clean(self) -> int:
+        """Remove the temp files a killed run left in the run folder and in samples/ (only dead writers')."""
+        return sum(clean_stale_temps(folder) for folder in (self.out_dir, self.dir) if folder.is_dir())
+
+    def claim(self, fingerprint: dict, files: dict[str, str] | None = None) -> str:
+        """Record what the samples are made with (sampling.json) and return its digest, the `run` every sample
+        carries; refuse to mix samples of other settings. `files`: config key -> path of the files the images depend
+        on, to name the one that changed. A folder without samples accepts new settings (a run that diverged before
+        writing anything can be rerun with another scale in the same out_dir)."""
+        run_id = run_digest(fingerprint)
+        text = json.dumps(fingerprint, indent=2, sort_keys=True)
+        previous = None
         if self.fingerprint_path.is_file():
-            previous = json.loads(self.fingerprint_path.read_text())
+            try:
+                previous = json.loads(self.fingerprint_path.read_text())
+            except (ValueError, UnicodeDecodeError):
+                previous = "damaged"
+        have_samples = bool(self.existing())
+        if previous == fingerprint or not have_samples:
             if previous != fingerprint:
-                keys = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
-                raise UserError(f"{self.out_dir} already holds samples made with other settings ({', '.join(keys)} "
-                                f"differ); use another out_dir, or delete that folder to start over")
-        elif self.existing():
-            raise UserError(f"{self.dir} holds samples but no sampling.json to say how they were made; "
-                            f"use another out_dir")
-        else:
-            atomic_write_text(self.fingerprint_path, json.dumps(fingerprint, indent=2, sort_keys=True))
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in (self.dir.glob(".*.tmp") if clean else ()):  # left by a killed run between write and rename
-            stale.unlink(missing_ok=True)
+                atomic_write_text(self.fingerprint_path, text)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            return run_id
+        if isinstance(previous, dict):
+            raise UserError(_settings_differ(self.out_dir, previous, fingerprint, files or {}))
+        # sampling.json is gone or damaged: the samples say which run made them (damaged ones are remade later)
+        runs = {meta.get("run") for meta in map(_try_meta, self.dir.glob("*.png")) if meta is not None}
+        what = "is damaged" if previous == "damaged" else "is missing"
+        if runs != {run_id}:
+            raise UserError(f"{self.fingerprint_path} {what} and the samples in {self.dir} were not all made with "
+                            f"these settings; use another out_dir, or delete that folder to start over")
+        atomic_write_text(self.fingerprint_path, text)
+        print(f"diffguide: warning: {self.fingerprint_path} {what}; rebuilt it from the samples, which were all "
+              f"made with these settings", file=sys.stderr)
+        return run_id
+
+    def verify(self, num_samples: int, image_shape: Sequence[int], seed: int, num_classes: int,
+               run_id: str) -> list[str]:
+        """Check every existing sample a run of `num_samples` uses: it decodes, has the model's image size and
+        channels, and its metadata is this index's (index, seed, label, run). Bad ones are deleted, so that they are
+        made again; returns what was wrong with each."""
+        indices = sorted(i for i in self.existing() if i < num_samples)
+        expected = (image_shape[-1], image_shape[-2]), {1: "L", 3: "RGB"}.get(image_shape[0])
+
+        def problem(i: int) -> str | None:
+            try:
+                with Image.open(self.path(i)) as img:
+                    img.load()
+                    size, mode, text = img.size, img.mode, img.text.get(META_KEY)
+            except Exception as exc:  # PIL raises many types for damaged files; each means "make it again"
+                return f"{self.path(i).name}: not a whole PNG ({type(exc).__name__})"
+            if (size, mode) != expected:
+                return f"{self.path(i).name}: {mode} {size[0]}x{size[1]}, not {expected[1]} {expected[0][0]}x{expected[0][1]}"
+            try:
+                meta = json.loads(text)
+            except (TypeError, ValueError):
+                return f"{self.path(i).name}: no diffguide metadata"
+            want = {"index": i, "seed": seed + i, "label": i % max(num_classes, 1)}
+            if any(meta.get(k) != v for k, v in want.items()):
+                return f"{self.path(i).name}: made as sample {meta.get('index')} (seed {meta.get('seed')})"
+            if meta.get("run", run_id) != run_id:
+                return f"{self.path(i).name}: made by a run with other settings"
+            return None
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # zlib releases the GIL
+            problems = [p for p in pool.map(problem, indices) if p]
+        for p in problems:
+            self.path(int(p.split(".", 1)[0])).unlink(missing_ok=True)
+        return problems
 
     def existing(self) -> set[int]:
         if not self.dir.is_dir():

@@ -17,7 +17,7 @@ def test_a_bad_point_is_recorded_and_the_sweep_finishes_then_reported(tiny_unet_
     [failed_path] = sweep.glob("*/failed.json")
     assert "scale=1e+38" in failed_path.parent.name
     failed = json.loads(failed_path.read_text())
-    assert failed["guidance"] == "CFG" and failed["scale"] == 1e38 and "diverged to NaN/inf" in failed["reason"]
+    assert failed["guidance"] == "cfg" and failed["scale"] == 1e38 and "diverged to NaN/inf" in failed["reason"]
     done = sorted(json.loads(p.read_text())["scale"] for p in sweep.glob("*/metrics.json"))
     assert done == [1.5, 3.0]
 

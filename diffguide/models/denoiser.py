@@ -27,6 +27,11 @@ class Denoiser(nn.Module):
         self.autocast_dtype: torch.dtype | None = None
 
     @property
+    def image_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of the images `decode` gives (the sample shape itself for pixel models)."""
+        return self.sample_shape
+
+    @property
     def num_train_timesteps(self) -> int:
         return len(self.alphas_cumprod)
 

@@ -26,6 +26,12 @@ class LatentDiT(Denoiser):
         self.scaling_factor = float(vae.config.scaling_factor)
         self.decode_batch_size = int(decode_batch_size)
 
+    @property
+    def image_shape(self):
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # the VAE's upsampling, as diffusers computes it
+        _, h, w = self.sample_shape
+        return (self.vae.config.out_channels, h * factor, w * factor)
+
     def _eps(self, x, t, labels):
         out = self.transformer(x, timestep=t, class_labels=labels).sample
         return out[:, :self.latent_channels]  # learned-sigma channels, when present, are not used by these samplers

@@ -3,8 +3,13 @@ cannot be had (offline cluster nodes, no cache, a typo in the id)."""
 
 import importlib.util
 import os
+import socket
+from urllib.parse import urlparse
 
 from diffguide.errors import UserError
+
+#: whether the hub answered, asked once per process
+_HUB_STATE: dict[str, bool] = {}
 
 
 def hub_cache() -> str:
@@ -19,6 +24,20 @@ def offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's endpoint answers a TCP connect within `timeout`. huggingface_hub retries an unreachable hub
+    for about a minute with a warning per try; a cluster node without internet should be told at once instead."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def not_found(source: str, what: str, key: str, exc: BaseException | None = None) -> UserError:
     if source.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(source)):
         return UserError(f"{key}={source}: no such folder")
@@ -26,6 +45,10 @@ def not_found(source: str, what: str, key: str, exc: BaseException | None = None
         why = f"the folder {source} has no loadable {what}"
     elif offline():
         why = "it is not in the local cache and the hub is offline (HF_HUB_OFFLINE=1)"
+    elif not _HUB_STATE.get("reachable", True):
+        from huggingface_hub import constants
+
+        why = f"it is not in the local cache and the hub ({constants.ENDPOINT}) could not be reached"
     else:
         why = "it is neither a local folder nor in the local cache, and the hub could not be reached"
     detail = f" ({type(exc).__name__})" if exc is not None else ""
@@ -39,15 +62,29 @@ def from_pretrained(cls, source: str, key: str, subfolder: str | None = None, wh
     what = what or (f"{cls.__name__} ({subfolder})" if subfolder else cls.__name__)
     if importlib.util.find_spec("accelerate") is None:  # diffusers models: else a warning on every load
         kwargs.setdefault("low_cpu_mem_usage", False)
+    _go_local_if_hub_unreachable(source, kwargs)
     try:
         return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
     except (OSError, ValueError) as exc:  # huggingface_hub's not-found and offline errors are OSErrors
         raise not_found(source, what, key, exc) from None
 
 
+def _go_local_if_hub_unreachable(source: str, kwargs: dict) -> None:
+    """A hub id, not offline by configuration, and the hub unreachable: load from the local cache only (one check
+    per process)."""
+    if os.path.isdir(os.path.expanduser(source)) or offline() or kwargs.get("local_files_only"):
+        return
+    if "reachable" not in _HUB_STATE:
+        _HUB_STATE["reachable"] = hub_reachable()
+    if not _HUB_STATE["reachable"]:
+        kwargs["local_files_only"] = True
+
+
 def load_config(cls, source: str, key: str, subfolder: str | None = None, what: str | None = None) -> dict:
     what = what or f"the {subfolder or 'model'} config"
+    kwargs = {}
+    _go_local_if_hub_unreachable(source, kwargs)
     try:
-        return dict(cls.load_config(source, subfolder=subfolder))
+        return dict(cls.load_config(source, subfolder=subfolder, **kwargs))
     except (OSError, ValueError) as exc:
         raise not_found(source, what, key, exc) from None
