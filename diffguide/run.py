@@ -147,8 +147,9 @@ def generate(cfg, denoiser, sampler, guidance, store: SampleStore, device, logge
                                                "run": store.run_id})
                 except checkpoint.DiskFull as exc:
                     left = len(missing) - done
+                    sizes = [p.stat().st_size for p in list(store.dir.glob("*.png"))[:100]] or [image.nbytes]
                     raise checkpoint.DiskFull(f"{exc}; the {left} samples still to make need about "
-                                              f"{checkpoint.human_bytes(left * len(image.tobytes()) * 1.1)}") from None
+                                              f"{checkpoint.human_bytes(left * sum(sizes) / len(sizes))}") from None
                 done += 1
             elapsed = time.perf_counter() - start
             logger.progress({"step": bar.n, "images": cfg.num_samples - len(missing) + done,
@@ -290,6 +291,8 @@ def record_failure(cfg: DictConfig, reason: str) -> None:
                    "steps": OmegaConf.select(cfg, "steps", default=None), "reason": reason,
                    "overrides": list(HydraConfig.get().overrides.task)}
         checkpoint.atomic_write_text(out_dir / "failed.json", json.dumps(failure, indent=2))
+    except checkpoint.DiskFull:
+        pass  # the error about to be printed is this very lack of space
     except Exception as exc:  # recording a failure must never hide the failure itself
         print(f"diffguide: could not write failed.json: {exc}", file=sys.stderr)
 
