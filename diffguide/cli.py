@@ -27,6 +27,8 @@ from diffguide.errors import UserError
 #: instantiate's own keys, never constructor arguments
 _INSTANTIATE_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 GROUPS = ("model", "sampler", "guidance", "classifier", "metric", "logger")
+#: the output folder of the last point checked, for errors raised before Hydra has set up the job
+CHECKED: dict[str, str] = {}
 
 
 def sweep_points(overrides: list[str], multirun: bool) -> list[tuple[str, list[str]]]:
@@ -166,6 +168,7 @@ def check_point(overrides: list[str], multirun: bool) -> None:
         raise UserError(describe(exc, overrides)) from None
     # The default run folder is named by the clock; check its parent, which Hydra's folder will be made in.
     explicit = OmegaConf.select(cfg, "out_dir") is not None
+    CHECKED["folder"] = str(folder)
     check_writable(Path(folder) if explicit else Path(folder).parent, "out_dir" if explicit else "the output folder")
 
 

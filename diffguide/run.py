@@ -304,7 +304,13 @@ def _reason(exc: BaseException) -> str | None:
     if isinstance(exc, OmegaConfBaseException):
         return cli.describe(exc)
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"no space left on the device of {exc.filename or Progress.store and Progress.store.out_dir}"
+        where = exc.filename
+        if where is None:
+            try:
+                where = HydraConfig.get().runtime.output_dir
+            except Exception:  # Hydra had not set up the job yet
+                where = cli.CHECKED.get("folder", "the output folder")
+        return f"no space left on the device of {where}"
     return None
 
 
