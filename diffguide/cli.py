@@ -11,12 +11,14 @@ import difflib
 import inspect
 import itertools
 import os
+import types
+import typing
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, InstantiationException, MissingConfigException
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -101,6 +103,12 @@ def describe(exc: BaseException, overrides: list[str] | None = None) -> str:
         if isinstance(e, OmegaConfBaseException) and full_key and not full_key.startswith("hydra."):
             return f"{full_key}: {_first_line(e)}"
     for e in _chain(exc):
+        if isinstance(e, InstantiationException):
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), "")
+            detail = next((line for line in lines[1:] if not line.startswith("full_key:")), lines[0] if lines else "")
+            return f"{key or 'a config node'}: {detail}"
+    for e in _chain(exc):
         if isinstance(e, HydraException) and "mismatched input" in str(e) or "OverrideParseException" in type(e).__name__:
             return f"cannot parse the overrides ({_first_line(e)}); see `python -m diffguide.run --help`"
     return _first_line(exc)
@@ -119,12 +127,20 @@ def check_targets(cfg: DictConfig) -> None:
                 params = inspect.signature(get_method(target)).parameters
             except Exception:
                 raise UserError(f"{path}._target_={target} cannot be imported") from None
-            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-                names = [n for n in params if n != "self"]
-                for key in node.keys():
-                    if key not in _INSTANTIATE_KEYS and key not in names:
-                        raise UserError(f"{path}.{key} is not a key of {target.rsplit('.', 1)[-1]}"
-                                        f"{_suggest(str(key), names)}; its keys are: {', '.join(names)}")
+            names = [n for n in params if n != "self"]
+            open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+            for key in node.keys():
+                if key in _INSTANTIATE_KEYS:
+                    continue
+                if key not in names:
+                    if open_ended:
+                        continue
+                    raise UserError(f"{path}.{key} is not a key of {target.rsplit('.', 1)[-1]}"
+                                    f"{_suggest(str(key), names)}; its keys are: {', '.join(names)}")
+                value = node[key]
+                wanted = _wanted(params[key].annotation)
+                if wanted and not isinstance(node._get_node(key), DictConfig) and not _fits(value, wanted):
+                    raise UserError(f"{path}.{key}={value!r}: expected {' or '.join(_NAMES[w] for w in wanted)}")
         for key in node.keys():
             if key != "_target_" and OmegaConf.is_config(node._get_node(key)):
                 visit(node[key], f"{path}.{key}")
@@ -132,6 +148,24 @@ def check_targets(cfg: DictConfig) -> None:
     for group in GROUPS:
         if group in cfg:
             visit(cfg[group], group)
+
+
+_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", type(None): "null"}
+
+
+def _wanted(annotation) -> tuple | None:
+    """The plain types an annotation admits (bool, int, float, str, None), or None where it says more than that."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    return tuple(options) if options and all(o in _NAMES for o in options) else None
+
+
+def _fits(value, wanted: tuple) -> bool:
+    if isinstance(value, bool):
+        return bool in wanted
+    if isinstance(value, int):
+        return int in wanted or float in wanted
+    return any(isinstance(value, w) for w in wanted if w is not bool)
 
 
 def check_writable(folder: Path, key: str) -> None:

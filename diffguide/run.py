@@ -24,7 +24,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra._internal.utils import get_args_parser
-from hydra.errors import HydraException
+from hydra.errors import HydraException, InstantiationException
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -301,8 +301,8 @@ def _reason(exc: BaseException) -> str | None:
     """One line for an error the user can fix, None for a programming error."""
     if isinstance(exc, UserError):
         return str(exc).splitlines()[0]
-    if isinstance(exc, OmegaConfBaseException):
-        return cli.describe(exc)
+    if isinstance(exc, (OmegaConfBaseException, InstantiationException)):
+        return cli.describe(exc)  # a value the config gave that the target's constructor refused
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         where = exc.filename
         if where is None:

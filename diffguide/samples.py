@@ -153,7 +153,7 @@ class SampleStore:
                 previous = json.loads(self.fingerprint_path.read_text())
             except (ValueError, UnicodeDecodeError):
                 previous = "damaged"
-        have_samples = bool(self.existing())
+        have_samples = any(self.path(i).is_file() for i in self.existing())
         if previous == fingerprint or not have_samples:
             if previous != fingerprint:
                 atomic_write_text(self.fingerprint_path, text)
@@ -179,6 +179,10 @@ class SampleStore:
         made again; returns what was wrong with each."""
         indices = sorted(i for i in self.existing() if i < num_samples)
         expected = (image_shape[-1], image_shape[-2]), {1: "L", 3: "RGB"}.get(image_shape[0])
+
+        for i in indices:
+            if not self.path(i).is_file():  # a folder or a device under a sample's name: not ours to delete
+                raise UserError(f"{self.path(i)} is not a file; move it out of {self.dir} and run again")
 
         def problem(i: int) -> str | None:
             try:

@@ -24,7 +24,7 @@ ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
 def pngs(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted((folder / "samples").glob("*.png"))}
+    return {p.name: p.read_bytes() for p in sorted((folder / "samples").glob("*.png")) if p.is_file()}
 
 
 def temp_files(*folders: Path) -> list[Path]:
@@ -56,6 +56,15 @@ def test_resume_remakes_damaged_swapped_and_foreign_samples(run_diffguide, tmp_p
     err = capsys.readouterr().err
     assert "6 existing sample(s) are damaged or not this run's and will be made again" in err
     assert "000003.png: made as sample 5" in err
+
+
+def test_a_folder_under_a_samples_name_is_named_not_deleted(run_diffguide, tmp_path):
+    out = tmp_path / "run"
+    run_diffguide(out, "num_samples=6")
+    (out / "samples" / "000009.png").mkdir()
+    with pytest.raises(UserError, match=r"000009.png is not a file; move it out of"):
+        run_diffguide(out, "num_samples=12")
+    assert (out / "samples" / "000009.png").is_dir() and len(pngs(out)) == 6
 
 
 def test_a_sample_of_another_run_is_remade(run_diffguide, tmp_path):

@@ -16,6 +16,7 @@ import sys
 import zipfile
 from contextlib import redirect_stdout
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -505,6 +506,31 @@ class InceptionMetrics(FidelityMetric):
                 raise UserError(f"metric.reference={self.reference}: the metrics turned on need at least "
                                 f"{self._least_reference_images(False)} reference images (png, jpg or jpeg); "
                                 f"the folder holds {count}")
+        self._check_downloads()
+
+    def _check_downloads(self) -> None:
+        """What torch-fidelity would download while scoring (the extractor's weights, a built-in dataset) must be on
+        disk, or its server reachable: else the run fails after sampling, with a download traceback."""
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+        from diffguide.models.hub import reachable
+
+        if self.weights is None:
+            url = URL_INCEPTION_V3 if self.feature_extractor.startswith("inception") else "https://github.com"
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(URL_INCEPTION_V3).name
+            if not (url == URL_INCEPTION_V3 and cached.is_file()) and not reachable(url):
+                raise UserError(f"metric.feature_extractor={self.feature_extractor} downloads its weights, and "
+                                f"{urlparse(url).hostname} cannot be reached from here: download them where it can "
+                                f"and set metric.weights=FILE")
+        if self.reference_file is None and str(self.reference) in DATASETS_REGISTRY:
+            root = os.path.join(torch.hub._get_torch_home(), "fidelity_datasets")  # torch-fidelity's default
+            try:
+                with redirect_stdout(sys.stderr):
+                    DATASETS_REGISTRY[self.reference](root, False)
+            except Exception:  # torchvision: "Dataset not found or corrupted" when it is not on disk
+                if self.weights is not None or not reachable("https://www.cs.toronto.edu"):  # no download then
+                    raise UserError(f"metric.reference={self.reference} is not in {root} and cannot be downloaded "
+                                    f"here: use a folder of reference images or an .npz reference batch") from None
 
     def fidelity_kwargs(self):
         kwargs = {"feature_extractor": self.feature_extractor, "feature_extractor_weights_path": self.weights,

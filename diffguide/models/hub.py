@@ -24,18 +24,23 @@ def offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub's endpoint answers a TCP connect within `timeout`. huggingface_hub retries an unreachable hub
-    for about a minute with a warning per try; a cluster node without internet should be told at once instead."""
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether `url`'s host answers a TCP connect within `timeout`."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
             return True
     except OSError:
         return False
+
+
+def hub_reachable() -> bool:
+    """huggingface_hub retries an unreachable hub for about a minute with a warning per try; a cluster node without
+    internet should be told at once instead."""
+    from huggingface_hub import constants
+
+    return reachable(constants.ENDPOINT)
 
 
 def not_found(source: str, what: str, key: str, exc: BaseException | None = None) -> UserError:
