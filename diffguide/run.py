@@ -322,6 +322,8 @@ def main(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         raise  # entry() says what was kept
     except Exception as exc:
+        if _interrupted(exc):
+            raise KeyboardInterrupt from None
         reason = _reason(exc)
         if reason is None:
             if not multirun:
@@ -364,10 +366,12 @@ def entry(argv: list[str] | None = None) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
-    except KeyboardInterrupt:
-        print(f"interrupted: {Progress.kept()}; run the same command to resume", file=sys.stderr)
-        return 130
-    except Exception as exc:
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        if _interrupted(exc):
+            print(f"interrupted: {Progress.kept()}; run the same command to resume", file=sys.stderr)
+            return 130
         reason = _reason(exc) or (cli.describe(exc, args.overrides) if _from_config(exc) else None)
         if reason is None:
             raise
@@ -379,6 +383,15 @@ def entry(argv: list[str] | None = None) -> int:
             print(f"  {line}", file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """A Ctrl-C that a library wrapped in its own error (Hydra's instantiate does, mid-import)."""
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _from_config(exc: BaseException) -> bool:
