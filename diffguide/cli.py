@@ -18,7 +18,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, InstantiationException, MissingConfigException
+from hydra.errors import InstantiationException, MissingConfigException, OverrideParseException
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -54,7 +54,8 @@ def compose_point(overrides: list[str]) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
-def _chain(exc: BaseException):
+def causes(exc: BaseException):
+    """The exception and everything it was raised from or during."""
     while exc is not None:
         yield exc
         exc = exc.__cause__ or exc.__context__
@@ -84,14 +85,14 @@ def _keys_of(overrides: list[str], parent: str) -> list[str]:
 def describe(exc: BaseException, overrides: list[str] | None = None) -> str:
     """One line for a configuration error raised by Hydra or OmegaConf."""
     overrides = list(overrides or [])
-    for e in _chain(exc):
+    for e in causes(exc):
         if isinstance(e, UserError):
             return _first_line(e)
         if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in e.missing_cfg_file:
             group, option = e.missing_cfg_file.rsplit("/", 1)
             options = [o for o in (e.options or []) if o]
             return f"{group}={option} is not an option{_suggest(option, options)}; choose one of: {', '.join(options)}"
-    for e in _chain(exc):
+    for e in causes(exc):
         full_key = getattr(e, "full_key", None)
         if isinstance(e, OmegaConfBaseException) and full_key and "not in" in str(e) and "Key" in str(e):
             parent, _, leaf = full_key.rpartition(".")
@@ -102,14 +103,14 @@ def describe(exc: BaseException, overrides: list[str] | None = None) -> str:
             return f"{full_key} is not a key{hint}{listing} (add a new one with +{full_key}=...)"
         if isinstance(e, OmegaConfBaseException) and full_key and not full_key.startswith("hydra."):
             return f"{full_key}: {_first_line(e)}"
-    for e in _chain(exc):
+    for e in causes(exc):
         if isinstance(e, InstantiationException):
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), "")
             detail = next((line for line in lines[1:] if not line.startswith("full_key:")), lines[0] if lines else "")
             return f"{key or 'a config node'}: {detail}"
-    for e in _chain(exc):
-        if isinstance(e, HydraException) and "mismatched input" in str(e) or "OverrideParseException" in type(e).__name__:
+    for e in causes(exc):
+        if isinstance(e, OverrideParseException):
             return f"cannot parse the overrides ({_first_line(e)}); see `python -m diffguide.run --help`"
     return _first_line(exc)
 

@@ -386,12 +386,8 @@ def entry(argv: list[str] | None = None) -> int:
 
 
 def _interrupted(exc: BaseException) -> bool:
-    """A Ctrl-C that a library wrapped in its own error (Hydra's instantiate does, mid-import)."""
-    while exc is not None:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    """A Ctrl-C, also one that a library wrapped in its own error (Hydra's instantiate does, mid-import)."""
+    return any(isinstance(e, KeyboardInterrupt) for e in cli.causes(exc))
 
 
 def _from_config(exc: BaseException) -> bool:
