@@ -55,8 +55,10 @@ def compose_point(overrides: list[str]) -> DictConfig:
 
 
 def causes(exc: BaseException):
-    """The exception and everything it was raised from or during."""
-    while exc is not None:
+    """The exception and everything it was raised from or during (once each: a re-raised error can make a loop)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
         yield exc
         exc = exc.__cause__ or exc.__context__
 

@@ -45,6 +45,8 @@ CASES = [
     ("out_dir under /proc", ["out_dir=/proc/diffguide-test"], "cannot be used as the output folder", 2, {}),
     ("missing weights", ["model.weights=/nowhere/unet.safetensors"], "weights file not found", 2, {}),
     ("weights not safetensors", [f"model.weights={ROOT / 'README.md'}"], "not a whole safetensors file", 2, {}),
+    ("missing weak model", ["guidance=autoguidance", "guidance.weak_model.weights=/nowhere/weak.safetensors"],
+     "weights file not found: /nowhere/weak.safetensors", 2, {}),
     ("missing evaluator", ["metric.evaluator=/nowhere/e.safetensors"], "weights file not found", 2, {}),
     ("reference name", ["metric.reference=bogus"], "use train, test, or the path of an .npz", 2, {}),
     ("too few samples for the metric", ["num_samples=3"], "metric.prc needs more than 3 samples", 2, {}),
