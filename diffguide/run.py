@@ -69,13 +69,18 @@ def _instantiate(node):
         raise
 
 
+#: paths in a config that a run writes to rather than reads from
+_NOT_INPUTS = {"cache_root"}
+
+
 def dependency_files(node, prefix: str) -> dict[str, str]:
     """config key -> path, for every value under `node` that names an existing file or folder (weights, a weak model,
     a classifier, a hub folder): what the images depend on besides the settings themselves."""
     found = {}
     if isinstance(node, dict):
         for key, value in node.items():
-            found.update(dependency_files(value, f"{prefix}.{key}"))
+            if key not in _NOT_INPUTS:
+                found.update(dependency_files(value, f"{prefix}.{key}"))
     elif isinstance(node, list):
         for i, value in enumerate(node):
             found.update(dependency_files(value, f"{prefix}.{i}"))
@@ -221,12 +226,13 @@ def _run(cfg: DictConfig, out_dir: Path, shard: Shard, device: torch.device, tot
     Progress.store, Progress.total = store, cfg.num_samples
     try:
         return _sample_and_score(cfg, out_dir, shard, device, total_start, denoiser, sampler, guidance, metric,
-                                 store)
+                                 store, settings["files"])
     finally:
         store.release()
 
 
-def _sample_and_score(cfg, out_dir, shard, device, total_start, denoiser, sampler, guidance, metric, store) -> dict:
+def _sample_and_score(cfg, out_dir, shard, device, total_start, denoiser, sampler, guidance, metric, store,
+                      file_digests: dict[str, str]) -> dict:
     logger = _instantiate(cfg.logger) if shard.main else NoLogger()
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if shard.main:
@@ -254,7 +260,7 @@ def _sample_and_score(cfg, out_dir, shard, device, total_start, denoiser, sample
                   **scores, "nfe": sum(m["nfe"] for m in metas) / len(metas), "num_samples": cfg.num_samples,
                   **sampling, "scoring_wall_s": round(time.perf_counter() - score_start, 3),
                   "wall_time_s": round(time.perf_counter() - total_start, 3), "device": str(device),
-                  "files_sha256": {**fingerprint(cfg)[0]["files"],
+                  "files_sha256": {**file_digests,
                                    **{k: checkpoint.path_digest(p) for k, p in metric_files.items()}},
                   "config": resolved}
         checkpoint.atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))

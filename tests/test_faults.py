@@ -246,8 +246,12 @@ def test_sigkill_at_any_write_then_resume_leaves_no_temp_file(scored_args, tmp_p
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert not temp_files(out, cache)
-    assert len(pngs(out)) == 12 and json.loads((out / "metrics.json").read_text())["num_samples"] == 12
+    result = json.loads((out / "metrics.json").read_text())
+    assert len(pngs(out)) == 12 and result["num_samples"] == 12
     assert list(cache.glob("*.npz"))
+    # metrics.json names every file the numbers rest on by digest: the model's and the evaluator's
+    files = dict(a.split("=", 1) for a in args if a.startswith(("model.weights=", "metric.evaluator=")))
+    assert result["files_sha256"] == {key: checkpoint.path_digest(path) for key, path in files.items()}
 
 
 @pytest.mark.parametrize("moment", ["sampling", "scoring"])

@@ -80,8 +80,12 @@ def test_a_reference_folder_needs_enough_images(tmp_path):
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
-    _refused(InceptionMetrics(str(tmp_path), cache_root=str(tmp_path / "c")), 100, "at least 4 reference images")
-    InceptionMetrics(str(tmp_path), fid=False, kid=False, prc=False, cache_root=str(tmp_path / "c")).check(100)
+    weights = tmp_path / "weights.pth"  # a local weights file: nothing to download
+    weights.write_bytes(b"")
+    _refused(InceptionMetrics(str(tmp_path), cache_root=str(tmp_path / "c"), weights=str(weights)), 100,
+             "at least 4 reference images")
+    InceptionMetrics(str(tmp_path), fid=False, kid=False, prc=False, cache_root=str(tmp_path / "c"),
+                     weights=str(weights)).check(100)
 
 
 def test_scoring_at_the_smallest_sample_counts_gives_finite_numbers(small, tmp_path):

@@ -139,7 +139,9 @@ def test_dinov2_option_and_unknown_extractors(tmp_path):
 
     for i in range(4):  # a reference folder with enough images for precision/recall
         Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
-    dinov2 = InceptionMetrics(str(tmp_path), feature_extractor="dinov2-vit-l-14")
+    weights = tmp_path / "weights.pth"  # check() only needs the file to be there
+    weights.write_bytes(b"")
+    dinov2 = InceptionMetrics(str(tmp_path), feature_extractor="dinov2-vit-l-14", weights=str(weights))
     dinov2.check(100)
     assert dinov2.flags["isc"] is False and dinov2.suffix == "_dinov2"
     assert dinov2.fidelity_kwargs()["feature_extractor"] == "dinov2-vit-l-14"
@@ -147,3 +149,23 @@ def test_dinov2_option_and_unknown_extractors(tmp_path):
         InceptionMetrics(str(tmp_path), feature_extractor="inception-v4").check(100)
     with pytest.raises(UserError, match="npz"):
         InceptionMetrics(str(tmp_path / "no-such-folder")).check(100)
+
+
+def test_weights_that_would_download_are_checked_before_sampling(tmp_path, monkeypatch):
+    """Without metric.weights torch-fidelity downloads the extractor's weights while scoring, after the sampling:
+    with their server unreachable and no cached copy, check() refuses at once."""
+    from diffguide.errors import UserError
+    from diffguide.metrics import fidelity
+    from diffguide.models import hub
+
+    from PIL import Image
+
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "hub"))  # no cached weights there
+    monkeypatch.setattr(hub, "reachable", lambda url, timeout=3.0: False)
+    for extractor in ("inception-v3-compat", "dinov2-vit-l-14"):
+        with pytest.raises(UserError, match="downloads its weights, and .* cannot be reached from here"):
+            fidelity.InceptionMetrics(str(tmp_path), feature_extractor=extractor).check(100)
+    monkeypatch.setattr(hub, "reachable", lambda url, timeout=3.0: True)
+    fidelity.InceptionMetrics(str(tmp_path)).check(100)
