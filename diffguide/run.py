@@ -84,8 +84,8 @@ def dependency_files(node, prefix: str) -> dict[str, str]:
     elif isinstance(node, list):
         for i, value in enumerate(node):
             found.update(dependency_files(value, f"{prefix}.{i}"))
-    elif isinstance(node, str) and node and ("/" in node or node.endswith(".safetensors")) and Path(node).exists():
-        found[prefix] = node
+    elif isinstance(node, str) and node and (Path(node).is_file() or ("/" in node and Path(node).is_dir())):
+        found[prefix] = node  # a folder only when written as a path: a bare word may match a folder by chance
     return found
 
 
