@@ -86,15 +86,23 @@ def clean_stale_temps(folder: Path) -> int:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    if abs(n) < 1000:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB"):
         n /= 1000
-    return f"{n:.1f} TB"
+        if abs(n) < 1000:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1000:.1f} GB"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def _metadata(blob: bytes) -> dict:
+    """The `__metadata__` of a safetensors file's JSON header."""
+    header_len = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8:8 + header_len]).get("__metadata__") or {}
 
 
 def _data_digest(blob: bytes) -> str:
@@ -122,8 +130,7 @@ def load(path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise UserError(f"weights file not found: {path}")
     blob = path.read_bytes()
     try:
-        header_len = int.from_bytes(blob[:8], "little")
-        metadata = json.loads(blob[8:8 + header_len]).get("__metadata__") or {}
+        metadata = _metadata(blob)
         tensors = safetensors_load(blob)
     except Exception as exc:
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -140,8 +147,7 @@ def load(path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
 def seal(path: Path) -> None:
     """Add the data digest to a checkpoint saved before `save` recorded one (tensors unchanged, bit for bit)."""
     blob = Path(path).read_bytes()
-    header_len = int.from_bytes(blob[:8], "little")
-    metadata = json.loads(blob[8:8 + header_len]).get("__metadata__") or {}
+    metadata = _metadata(blob)
     tensors = safetensors_load(blob)
     metadata.pop("data_sha256", None)
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata={**metadata, "data_sha256": _data_digest(blob)}))

@@ -184,6 +184,8 @@ class SampleStore:
             if not self.path(i).is_file():  # a folder or a device under a sample's name: not ours to delete
                 raise UserError(f"{self.path(i)} is not a file; move it out of {self.dir} and run again")
 
+        labels = dict(zip(indices, labels_for(indices, num_classes).tolist()))
+
         def problem(i: int) -> str | None:
             try:
                 with Image.open(self.path(i)) as img:
@@ -197,7 +199,7 @@ class SampleStore:
                 meta = json.loads(text)
             except (TypeError, ValueError):
                 return f"{self.path(i).name}: no diffguide metadata"
-            want = {"index": i, "seed": seed + i, "label": i % max(num_classes, 1)}
+            want = {"index": i, "seed": seed + i, "label": labels[i]}
             if any(meta.get(k) != v for k, v in want.items()):
                 return f"{self.path(i).name}: made as sample {meta.get('index')} (seed {meta.get('seed')})"
             if meta.get("run", run_id) != run_id:
@@ -205,9 +207,10 @@ class SampleStore:
             return None
 
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # zlib releases the GIL
-            problems = [p for p in pool.map(problem, indices) if p]
-        for p in problems:
-            self.path(int(p.split(".", 1)[0])).unlink(missing_ok=True)
+            bad = [(i, p) for i, p in zip(indices, pool.map(problem, indices)) if p]
+        for i, _ in bad:
+            self.path(i).unlink(missing_ok=True)
+        problems = [p for _, p in bad]
         return problems
 
     def existing(self) -> set[int]:

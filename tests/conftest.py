@@ -5,12 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from diffguide.config import CONF_DIR, register
+from diffguide.cli import compose_point
 from diffguide.metrics import evaluator as evaluator_lib
 from diffguide.models import unet as unet_lib
 from diffguide.models.denoiser import Denoiser
@@ -72,13 +70,7 @@ def fidelity_cache(tmp_path_factory) -> Path:
 
 def compose_run_config(overrides: list[str], out_dir: Path):
     """The run config exactly as `python -m diffguide.run OVERRIDES out_dir=OUT` composes it, with HydraConfig set."""
-    register()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=[*overrides, f"out_dir={out_dir}"], return_hydra_config=True)
-    finally:
-        GlobalHydra.instance().clear()
+    cfg = compose_point([*overrides, f"out_dir={out_dir}"])
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(out_dir)
     HydraConfig.instance().set_config(cfg)
