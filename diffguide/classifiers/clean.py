@@ -28,6 +28,18 @@ class CleanClassifier(nn.Module):
         raise NotImplementedError
 
 
+def clip_straight_through(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """x clamped to [lo, hi] in value but not in gradient: a guidance method takes the classifier's gradient at the
+    clipped image, as EluCD (`design_cond_fn` on the clipped pred_xstart) does, and a pixel outside the range keeps
+    the classifier's own gradient there instead of the zero a clamp would give it."""
+    return x + (x.clamp(lo, hi) - x).detach()
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clipped straight-through (see clip_straight_through)."""
+    return clip_straight_through((images + 1) / 2, 0.0, 1.0)
+
+
 def _relu_to_softplus(module: nn.Module, beta: float) -> int:
     replaced = 0
     for name, child in module.named_children():
@@ -51,7 +63,7 @@ class TimmClassifier(CleanClassifier):
             _relu_to_softplus(self.model, float(softplus_beta))
 
     def classify(self, images):
-        return self.model(((images + 1) / 2).clamp(0, 1))
+        return self.model(to_unit_range(images))
 
 
 class TimmHubClassifier(CleanClassifier):
@@ -98,7 +110,7 @@ class TimmHubClassifier(CleanClassifier):
             _relu_to_softplus(self.model, float(softplus_beta))
 
     def classify(self, images):
-        x = ((images + 1) / 2).clamp(0, 1)
+        x = to_unit_range(images)
         if tuple(x.shape[-2:]) != self.input_size:
             x = torch.nn.functional.interpolate(x, size=self.input_size, mode=self.interpolation,
                                                 align_corners=False)

@@ -23,6 +23,16 @@ class GuidedPrediction:
          from the clipped x0 (as guided-diffusion does). CFG++ sets it False: its re-noising eps stays eps_u.
     x0_offset: a move of x0 made after the sampler's clipping of x0 to the data range, so that the clipping cannot
          cut it (TFG's mean and variance guidance: its reference code clips the unguided x0, then adds them).
+    score: a classifier's scaled gradient s * g, applied after the sampler clips the model's x0, in the two forms
+         of guided-diffusion (gaussian_diffusion.py): an ancestral sampler (ddpm) moves its mean by
+         (Sigma_t + score_boost) * score (`condition_mean`; Sigma_t the step's variance); every other sampler
+         subtracts sqrt(1 - a_t) * (Sigma_t + score_boost) / Sigma_t * score from the eps of the clipped x0
+         (`condition_score`, the DDIM form; the factor is 1 when score_boost = 0). The clip never cuts it.
+    score_boost: EluCD's added guidance variance gamma * max(Sigma) * sin(pi i / N) (0 for plain classifier
+         guidance); it must be 0 on a step whose Sigma_t is 0 (the last one).
+    x: the point the prediction was made at, when the guidance moved x_t itself before the network saw it
+         (EluCD's EDM path); the sampler then steps from it. None: the sampler's own x_t.
+    clip: False for a prediction the sampler must take as it is (CFG-Zero*'s zero velocity): no clipping of x0.
     """
 
     x0: torch.Tensor
@@ -30,6 +40,10 @@ class GuidedPrediction:
     nfe: float | torch.Tensor
     consistent: bool = True
     x0_offset: torch.Tensor | None = None
+    score: torch.Tensor | None = None
+    score_boost: float = 0.0
+    x: torch.Tensor | None = None
+    clip: bool = True
 
 
 class Guidance:

@@ -1,8 +1,11 @@
 """Classifier guidance (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis").
 
-eps = eps_base - sqrt(1 - a_t) s grad_x log p_phi(y | x_t, t), with a noise-aware classifier p_phi; eps_base is the
-unconditional model (conditional_model=false, the paper's main setting) or the conditional one. With the exact
-classifier of the data at s = 1 this is the exact conditional model (Bayes' rule on the scores). scale = s.
+With a noise-aware classifier p_phi and g = grad_x log p_phi(y | x_t, t), in the two forms of the official code
+(openai/guided-diffusion, gaussian_diffusion.py), both applied after the model's x0 is clipped to the data range:
+    ancestral sampler (ddpm):  mean = mu(x0_clipped, x_t) + Sigma_t s g                        (`condition_mean`)
+    every other sampler:       eps  = eps(x0_clipped) - sqrt(1 - a_t) s g, x0 from that eps    (`condition_score`)
+The base model is the unconditional one (conditional_model=false) or the conditional one. With the exact classifier
+of the data at s = 1 the DDIM form is the exact conditional model (Bayes' rule on the scores). scale = s.
 """
 
 from diffguide.classifiers.base import Classifier
@@ -26,7 +29,7 @@ class ClassifierGuidance(Guidance):
     def __call__(self, denoiser, x, t, labels):
         condition = denoiser.condition(labels, self.conditional_model)
         eps = denoiser(x, t, condition)
+        pred = self.from_eps(denoiser, x, t, eps, nfe=1)
         if self.scale != 0.0:
-            grad = self.classifier.grad_log_prob(x, t, labels)
-            eps = eps - (1 - denoiser.alpha(t)) ** 0.5 * self.scale * grad
-        return self.from_eps(denoiser, x, t, eps, nfe=1)
+            pred.score = self.scale * self.classifier.grad_log_prob(x, t, labels)
+        return pred

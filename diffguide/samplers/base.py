@@ -38,17 +38,37 @@ class Sampler:
         scheduler.set_timesteps(self.steps)
         return [int(t) for t in scheduler.timesteps]
 
-    def _finalize(self, denoiser: Denoiser, x: torch.Tensor, t: int, pred: GuidedPrediction) -> GuidedPrediction:
-        """Clip x0 to the model's data range where asked (pixel models), keeping eps consistent with it; then add
-        the guidance's x0_offset, which clipping must not cut."""
-        x0, eps = pred.x0, pred.eps
-        if self.clip_x0 and denoiser.data_range is not None:
+    #: True for samplers that draw x_next from the Gaussian posterior q(x_next | x_t, x0) (DDPM): a guidance
+    #: `score` moves their mean (guided-diffusion's condition_mean) instead of their eps.
+    ancestral = False
+
+    @staticmethod
+    def posterior_variance(denoiser: Denoiser, t: int, t_next: int) -> float:
+        """Sigma_t: the variance of q(x_next | x_t, x0) for the step t -> t_next of this (respaced) trajectory,
+        beta_step (1 - a_next) / (1 - a_t) with beta_step = 1 - a_t / a_next; 0 on the last step (to the data)."""
+        a_t, a_next = denoiser.alpha(t), denoiser.alpha(t_next)
+        return (1 - a_next) / (1 - a_t) * (1 - a_t / a_next)
+
+    def _finalize(self, denoiser: Denoiser, x: torch.Tensor, t: int, t_next: int,
+                  pred: GuidedPrediction) -> GuidedPrediction:
+        """Clip x0 to the model's data range where asked (pixel models), keeping eps consistent with it; then apply
+        the guidance's score in the sampler's form (see GuidedPrediction.score) and add its x0_offset, neither of
+        which the clipping may cut."""
+        x0, eps, score = pred.x0, pred.eps, pred.score
+        if self.clip_x0 and pred.clip and denoiser.data_range is not None:
             x0 = x0.clamp(*denoiser.data_range)
             if pred.consistent:
                 eps = denoiser.eps_from_x0(x, t, x0)
+        if score is not None and not self.ancestral:
+            variance = self.posterior_variance(denoiser, t, t_next)
+            factor = (variance + pred.score_boost) / variance if variance > 0 else 1.0
+            eps = eps - (1 - denoiser.alpha(t)) ** 0.5 * factor * score
+            x0 = denoiser.x0_from_eps(x, t, eps)
+            score = None
         if pred.x0_offset is not None:
             x0 = x0 + pred.x0_offset
-        return GuidedPrediction(x0, eps, pred.nfe, pred.consistent and pred.x0_offset is None)
+        return GuidedPrediction(x0, eps, pred.nfe, pred.consistent and pred.x0_offset is None, score=score,
+                                score_boost=pred.score_boost)
 
     def update(self, denoiser: Denoiser, x: torch.Tensor, t: int, t_next: int, pred: GuidedPrediction,
                noise: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -93,9 +113,11 @@ class Sampler:
             t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             for r in range(repeats):
                 history = self.history()
-                pred = self._finalize(denoiser, x, t, guidance(denoiser, x, t, labels))
+                pred = guidance(denoiser, x, t, labels)
+                x_at = x if pred.x is None else pred.x  # where the guidance moved x_t, the step starts from there
+                pred = self._finalize(denoiser, x_at, t, t_next, pred)
                 nfe = nfe + pred.nfe
-                x_next = self.update(denoiser, x, t, t_next, pred, noise)
+                x_next = self.update(denoiser, x_at, t, t_next, pred, noise)
                 if r + 1 < repeats:
                     # Self-recurrence: back to level t with fresh noise, and the multistep history as it was.
                     step_alpha = denoiser.alpha(t) / denoiser.alpha(t_next)

@@ -26,3 +26,19 @@ def test_the_mixture_clean_classifier_is_bayes_rule_on_clean_data():
     expected = torch.log_softmax(log_lik + torch.tensor([0.2, 0.3, 0.5]).double().log(), dim=1)
     got = ExactMixtureCleanClassifier(model).logits(x0)
     assert torch.allclose(torch.log_softmax(got.double(), 1), expected, atol=1e-6)
+
+
+def test_the_gradient_at_a_saturated_pixel_is_the_classifiers_own(tiny_evaluator_path):
+    """EluCD (DDPM/scripts/classifier_sample.py, `design_cond_fn`) takes the classifier's gradient at the clipped
+    pred_xstart: a pixel of x0 outside [-1, 1] gets the classifier's gradient at the clipped image, not the zero of
+    a clamp in the gradient path."""
+    torch.manual_seed(0)
+    classifier = TimmClassifier(str(tiny_evaluator_path), softplus_beta=3.0)
+    x0 = torch.rand(2, 1, 28, 28) * 3 - 1.5
+    assert (x0.abs() > 1).float().mean() > 0.2
+    x_in = x0.clone().requires_grad_(True)
+    (got,) = torch.autograd.grad(classifier.logits(x_in)[:, 3].sum(), x_in)
+    clipped = x0.clamp(-1, 1).requires_grad_(True)
+    (own,) = torch.autograd.grad(classifier.model((clipped + 1) / 2)[:, 3].sum(), clipped)
+    assert torch.allclose(got, own, atol=1e-6)
+    assert (got[x0.abs() > 1] != 0).float().mean() > 0.9

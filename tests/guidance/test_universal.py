@@ -69,7 +69,7 @@ def test_a_ddim_step_is_tfgs_update(toy, linear):
     labels, t, t_prev = torch.tensor([0]), 700, 400
     sampler = DDIM(2, clip_x0=False)
     begin(g, toy, [t, t_prev], labels)
-    pred = sampler._finalize(toy, X, t, g(toy, X, t, labels))
+    pred = sampler._finalize(toy, X, t, t_prev, g(toy, X, t, labels))
     x_prev = sampler.update(toy, X, t, t_prev, pred, noise=None)
     x0, eps, a_t = toy_x0(toy, X, t, -1)
     a_prev = float(toy.alphas_cumprod[t_prev])
