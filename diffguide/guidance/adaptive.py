@@ -3,8 +3,12 @@ Models").
 
 CFG while the conditional and unconditional predictions disagree; from the first step at which their cosine
 similarity (over the flattened eps) exceeds gamma, the conditional model alone for the rest of the trajectory,
-which saves one network evaluation per remaining step. The switch is made per sample, so that an image does not
-depend on the batch it ran in; `nfe` is then a per-sample count.
+which saves one network evaluation per remaining step. The switch takes effect AT that first step: its conditional
+prediction is already computed (the cosine needs both), so that step is the conditional step, at 2 NFE, and every
+later step costs 1. This is the audit's reading of the paper's policy (arXiv 2312.12487: guidance is truncated once
+the two estimates have converged); the paper's text was not reachable from here, so no line of it is quoted, and an
+earlier version of this module took one more CFG step before switching. The switch is made per sample, so that an
+image does not depend on the batch it ran in; `nfe` is then a per-sample count.
 
 space = eps compares the noise predictions, as the paper does. On an eps-prediction pixel model such as
 fmnist_unet they agree to a cosine above 0.998 at every step (10th percentile over 64 samples: the noise dominates
@@ -42,11 +46,13 @@ class AdaptiveGuidance(Guidance):
         if guided.any():
             xs, ys = x[guided], labels[guided]
             eps_uncond, eps_cond = denoiser.eps_many(xs, t, [denoiser.null_labels(ys), ys])
-            eps[guided] = combine(eps_uncond, eps_cond, self.scale)
             cond, uncond = eps_cond, eps_uncond
             if self.space == "x0":
                 cond, uncond = denoiser.x0_from_eps(xs, t, cond), denoiser.x0_from_eps(xs, t, uncond)
             agree = torch.nn.functional.cosine_similarity(cond.flatten(1), uncond.flatten(1), dim=1)
+            converged = (agree > self.gamma).view(-1, *[1] * (x.ndim - 1))
+            # converged samples take the conditional step now; the others CFG's
+            eps[guided] = torch.where(converged, eps_cond, combine(eps_uncond, eps_cond, self.scale))
             self._switched_off[guided.nonzero().squeeze(1)[agree > self.gamma]] = True
         if not guided.all():
             eps[~guided] = denoiser(x[~guided], t, labels[~guided])

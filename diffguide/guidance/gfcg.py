@@ -8,9 +8,13 @@ between the target-class and the reference-class predictions, added to a base pr
     base = none:          eps_base = eps(x_t, y)
            cfg:           eps_base = eps(x_t, null) + w (eps(x_t, y) - eps(x_t, null))
            autoguidance:  eps_base = eps_weak(x_t, y) + w (eps(x_t, y) - eps_weak(x_t, y))     (w = base_scale)
-The paper's text available to this project gives the structure above but not its exact selection formulas, so the
-two rules below are this project's reading of "a time-adaptive reference class and a scale that depends on how
-confused the model is", with p = softmax(f(x0_c)):
+NOT THE PAPER'S METHOD AS PUBLISHED, in three ways, so that no result of it is taken for the paper's:
+  1. the paper's method section was not reachable from this project (no official code is public either);
+  2. the reference-class and scale rules below are this project's reading of "a time-adaptive reference class and
+     a scale that depends on how confused the model is", not the paper's formulas;
+  3. it costs one more network evaluation per step than its base (3 with cfg or autoguidance), where the paper's
+     abstract says the combination with autoguidance has no additional computational overhead.
+The two rules, with p = softmax(f(x0_c)):
     c_ref = argmax_{k != y} p_k                  (the class the sample is most at risk of turning into)
     s_t   = scale * p_ref / (p_y + p_ref)        (0 when the classifier is sure of y, scale/2 when it cannot tell
                                                   y from c_ref, towards scale when c_ref dominates)

@@ -25,9 +25,11 @@ class GaussianMixture(Denoiser):
         num_classes = means.shape[0]
         super().__init__(scheduler.alphas_cumprod, means.shape[1:], num_classes, null_class=num_classes,
                          scheduler_config=scheduler.config)
-        weights = torch.full((num_classes,), 1.0 / num_classes) if weights is None else torch.as_tensor(weights)
+        # normalised in float64: the exact classifier's gradient is a reference to 1e-14, not float32's 1e-8
+        weights = (torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64) if weights is None
+                   else torch.as_tensor(weights, dtype=torch.float64))
         self.register_buffer("means", means, persistent=False)
-        self.register_buffer("log_weights", (weights / weights.sum()).double().log(), persistent=False)
+        self.register_buffer("log_weights", (weights / weights.sum()).log(), persistent=False)
         self.std = float(std)
 
     def class_log_posterior(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,24 @@ def test_cfg_interval_guides_only_inside_and_saves_evaluations(toy):
     assert 0 < inside_steps < 20 and nfe == 20 + inside_steps
 
 
+def test_cfg_interval_presets_are_the_papers_table_1():
+    """Kynkaanniemi et al. 2024, Table 1 (ImageNet-512, FID presets): EDM2-XXL guides sigma in (0.19, 1.61] at
+    w = 2.0; EDM2-S guides (0.28, 2.90]. The default is EDM2-XXL's; explicit bounds replace a preset's."""
+    xxl, small = CFGInterval(2.0), CFGInterval(2.0, interval="edm2_s")
+    assert (xxl.sigma_lo, xxl.sigma_hi) == (0.19, 1.61)
+    assert (small.sigma_lo, small.sigma_hi) == (0.28, 2.90)
+    custom = CFGInterval(2.0, interval="edm2_s", sigma_lo=0.5)
+    assert (custom.sigma_lo, custom.sigma_hi) == (0.5, 2.90)
+
+
+def test_apg_defaults_have_their_stated_sources():
+    """eta = 0 (the paper's recommendation), beta = -0.5 and SDXL's r = 15 (the paper's Table 10 as METHODS.md's
+    port quotes it), r rescaled to the same per-element RMS on 1x28x28 images: 15 * sqrt(784 / (4 * 128 * 128))."""
+    apg = APG(2.0)
+    assert apg.eta == 0.0 and apg.momentum == -0.5
+    assert apg.norm_threshold == pytest.approx(15 * math.sqrt(784 / (4 * 128 * 128)), abs=0.005)
+
+
 def test_apg_by_hand_one_step(toy):
     """w = 3, eta = 0.5, r = 0.1, no momentum, worked on a 4-pixel sample."""
     x, labels, t = torch.tensor([[[[0.3, -0.1], [0.2, 0.0]]]]), torch.tensor([2]), 100
@@ -102,14 +120,17 @@ def test_apg_at_scale_one_is_the_conditional_model(toy):
 def test_adaptive_switches_per_sample_once_predictions_agree(toy):
     """The toy's eps_c - eps_u = 0.1 (y + 1) is a constant shift. Sample 0: a large x and a gap of 0.1, so eps_c
     and eps_u agree at once (cosine above 0.999). Sample 1: eps_u = 0.5 x + t/1000 alternates in sign around zero
-    and the gap is 0.3: cosine 0.857 at t = 500 and 0.837 at t = 400, so it stays guided."""
+    and the gap is 0.3: cosine 0.857 at t = 500 and 0.837 at t = 400, so it stays guided.
+    The switch takes effect at the step whose cosine first exceeds gamma (the policy of Castillo et al.,
+    arXiv 2312.12487, as the audit read it): sample 0's first step is already the conditional one, at 2 NFE."""
     guidance = AdaptiveGuidance(2.0, gamma=0.999)
     labels = torch.tensor([0, 2])
     x = torch.stack([torch.tensor([[[40.0, 50.0], [50.0, 50.0]]]), torch.tensor([[[-2.0, 0.0], [-2.0, 0.0]]])])
     guidance.start(toy, labels)
     first = guidance(toy, x, 500, labels)
     assert first.nfe.tolist() == [2.0, 2.0]
-    assert torch.allclose(first.eps, CFG(2.0)(toy, x, 500, labels).eps)
+    assert torch.allclose(first.eps[0], toy(x, 500, labels)[0])
+    assert torch.allclose(first.eps[1], CFG(2.0)(toy, x, 500, labels).eps[1])
     second = guidance(toy, x, 400, labels)
     assert second.nfe.tolist() == [1.0, 2.0]
     assert torch.allclose(second.eps[0], toy(x, 400, labels)[0])
@@ -140,7 +161,8 @@ def test_adaptive_reports_per_sample_savings_through_the_sampler():
     assert (nfe < 60).all() and (nfe >= 31).all()
 
 
-@pytest.mark.parametrize("make", [lambda: CFGRescale(2.0, phi=1.5), lambda: CFGInterval(2.0, 2.0, 1.0),
+@pytest.mark.parametrize("make", [lambda: CFGRescale(2.0, phi=1.5), lambda: CFGInterval(2.0, sigma_lo=2.0, sigma_hi=1.0),
+                                  lambda: CFGInterval(2.0, interval="edm2_m"),
                                   lambda: APG(2.0, norm_threshold=-1), lambda: AdaptiveGuidance(2.0, gamma=2.0)])
 def test_parameter_errors(make):
     with pytest.raises(UserError):
