@@ -52,7 +52,7 @@ def main():
         f"cfg w={w:g}": CFG(w),
         "cfgpp lambda=0.6": CFGPlusPlus(0.6),
         f"cfg_rescale w={w:g}": CFGRescale(w),
-        f"cfg_interval w={w:g}": CFGInterval(w, sigma_lo=0.28, sigma_hi=1.61),
+        f"cfg_interval w={w:g}": CFGInterval(w),
         f"apg w={w:g}": APG(w, norm_threshold=0.0, momentum=0.0),
         f"adaptive w={w:g}": AdaptiveGuidance(w),
         f"cfg_zero_star w={w:g}": CFGZeroStar(w),

@@ -19,7 +19,7 @@ GRID: dict[str, list[float | None]] = {
     "none": [None],
     "none (unconditional)": [None],
     "cfg": [1.25, 1.5, 2.0],
-    "cfgpp": [0.2, 0.4, 0.6],
+    "cfgpp": [0.2, 0.25, 0.3, 0.35, 0.4, 0.47, 0.6],
     "cfg_rescale": [1.5, 2.0, 3.0],
     "cfg_interval": [2.0, 3.0],
     "apg": [2.0, 3.0, 4.0],
@@ -33,9 +33,9 @@ GRID: dict[str, list[float | None]] = {
     "universal": [0.1, 0.3],
 }
 
-# Rows that are a method with other settings: name -> (guidance, overrides). The classifier-based methods guide the
-# unconditional model, whose own scores are the baseline they start from; GFCG is also shown on autoguidance, the
-# combination its paper reports.
+# Rows that are a method with other settings: name -> (guidance, overrides). classifier and universal guide the
+# unconditional model, whose own scores are the baseline they start from; offshelf guides the conditional model, as
+# EluCD does; GFCG is also shown on autoguidance, the combination its paper reports.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "none (unconditional)": ("none", ["guidance.conditional=false"]),
     "gfcg + autoguidance": ("gfcg", ["guidance.base=autoguidance", "guidance.base_scale=2.0"]),

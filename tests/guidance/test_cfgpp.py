@@ -71,3 +71,23 @@ def test_cfgpp_dpmpp_2m_two_steps_by_hand(toy):
 def test_cfgpp_scale_above_one_warns():
     with pytest.warns(UserWarning, match="outside the paper's range"):
         CFGPlusPlus(1.5)
+
+
+@pytest.mark.parametrize("lam, t, t_next", [(0.2, 900, 850), (0.35, 400, 300), (0.6, 120, 40)])
+def test_a_cfgpp_ddim_step_is_a_cfg_step_at_the_effective_weight(toy, lam, t, t_next):
+    """The identity scripts/cfgpp_effective_scale.py prints: with sigma = sqrt((1 - a) / a), the CFG++ DDIM step
+    (CFGpp-diffusion/CFGpp latent_diffusion.py: x0 from eps_u + lam (eps_c - eps_u), re-noised with eps_u) equals a
+    CFG DDIM step at w_t = lam sigma_t / (sigma_t - sigma_next), worked in EDM coordinates x / sqrt(a)."""
+    from diffguide.guidance.cfg import CFG
+    from scripts.cfgpp_effective_scale import effective_weights
+
+    x, labels = torch.tensor([[[[0.3, -1.1], [0.8, 0.05]]]]), torch.tensor([2])
+    sampler = DDIM(steps=10, clip_x0=False)
+    cfgpp_next = sampler.update(toy, x, t, t_next, CFGPlusPlus(lam)(toy, x, t, labels), noise=None)
+    w = lam * toy.sigma(t) / (toy.sigma(t) - toy.sigma(t_next))
+    cfg_next = sampler.update(toy, x, t, t_next, CFG(w)(toy, x, t, labels), noise=None)
+    assert torch.allclose(cfgpp_next, cfg_next, atol=1e-5)
+    weights = dict(effective_weights(toy, 10, lam, spacing="trailing"))
+    steps = DDIM(10).timesteps(toy)
+    t0, t1 = steps[3], steps[4]
+    assert weights[t0] == pytest.approx(lam * toy.sigma(t0) / (toy.sigma(t0) - toy.sigma(t1)))
