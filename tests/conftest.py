@@ -24,10 +24,11 @@ SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start"
 
 class ToyDenoiser(Denoiser):
     """A denoiser whose outputs a test can work out by hand: eps(x, t, y) = 0.5 x + 0.1 (y + 1) + t / 1000,
-    with y = -1 for the null class. It counts its forward passes and the batch sizes they had."""
+    with y = -1 for the null class, in every one of its `channels` channels. It counts its forward passes and the
+    batch sizes they had."""
 
-    def __init__(self, num_classes: int = 3):
-        super().__init__(torch.linspace(0.999, 0.01, 1000, dtype=torch.float64), (1, 2, 2), num_classes,
+    def __init__(self, num_classes: int = 3, channels: int = 1):
+        super().__init__(torch.linspace(0.999, 0.01, 1000, dtype=torch.float64), (channels, 2, 2), num_classes,
                          null_class=num_classes, scheduler_config=SCHEDULE)
         self.calls = []
 
@@ -99,3 +100,4 @@ def run_cli(module: str, *args: str, timeout: float = 300) -> subprocess.Complet
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
+

@@ -64,3 +64,41 @@ def test_cfg_needs_a_null_class():
     model.null_class = None
     with pytest.raises(UserError, match="null class"):
         CFG(2.0).start(model, torch.tensor([0]))
+
+
+def test_cfg_on_three_of_four_channels_worked_by_hand():
+    """DiT's protocol (facebookresearch/DiT models.py, DiT.forward_with_cfg: `eps, rest = model_out[:, :3],
+    model_out[:, 3:]`, "we apply classifier-free guidance on only three channels by default"): channels 0-2 are
+    eps_u + w (eps_c - eps_u), channel 3 is eps_c. Today's CFG has no `channels` and guides all four."""
+    toy = ToyDenoiser(channels=4)
+    x = torch.full((2, 4, 2, 2), 0.4)
+    labels = torch.tensor([0, 2])
+    pred = CFG(3.0, channels=3)(toy, x, 300, labels)
+    # eps_u = 0.5*0.4 + 0 + 0.3 = 0.5; eps_c = 0.6 (y=0), 0.8 (y=2); guided: 0.5 + 3*0.1 = 0.8, 0.5 + 3*0.3 = 1.4
+    assert torch.allclose(pred.eps[0, :3], torch.full((3, 2, 2), 0.8))
+    assert torch.allclose(pred.eps[1, :3], torch.full((3, 2, 2), 1.4))
+    assert torch.allclose(pred.eps[0, 3], torch.full((2, 2), 0.6))
+    assert torch.allclose(pred.eps[1, 3], torch.full((2, 2), 0.8))
+    a = float(toy.alphas_cumprod[300])
+    assert torch.allclose(pred.x0, (x - (1 - a) ** 0.5 * pred.eps) / a ** 0.5)
+    assert pred.nfe == 2 and toy.calls == [4]
+    # every channel guided: the plain formula
+    assert torch.allclose(CFG(3.0, channels=4)(toy, x, 300, labels).eps, CFG(3.0)(toy, x, 300, labels).eps)
+
+
+def test_cfg_at_zero_on_some_channels_still_needs_the_conditional_prediction():
+    toy = ToyDenoiser(channels=4)
+    x, labels = torch.full((1, 4, 2, 2), 0.4), torch.tensor([2])
+    pred = CFG(0.0, channels=3)(toy, x, 300, labels)
+    assert torch.allclose(pred.eps[0, :3], torch.full((3, 2, 2), 0.5))  # eps_u
+    assert torch.allclose(pred.eps[0, 3], torch.full((2, 2), 0.8))  # eps_c
+    assert pred.nfe == 2
+
+
+@pytest.mark.parametrize("channels, where", [(0, "init"), (-1, "init"), (2.5, "init"), (True, "init"), (5, "start")])
+def test_cfg_channels_out_of_range_is_one_line(channels, where):
+    with pytest.raises(UserError, match="guidance.channels") as err:
+        CFG(1.5, channels=channels).start(ToyDenoiser(channels=4), torch.tensor([0]))
+    assert "\n" not in str(err.value)
+    if where == "start":
+        assert "4 channels" in str(err.value)
