@@ -101,3 +101,14 @@ def run_cli(module: str, *args: str, timeout: float = 300) -> subprocess.Complet
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
+
+def learned_variance_step(sampler, denoiser, guidance, x, labels, timesteps, i, noise):
+    """One step of `Sampler.sample` from x at timesteps[i] with sampler.variance=learned: (prediction, x_next)."""
+    t, t_next = timesteps[i], timesteps[i + 1] if i + 1 < len(timesteps) else -1
+    denoiser.capture_variance(True)
+    try:
+        pred = sampler._finalize(denoiser, x, t, t_next, guidance(denoiser, x, t, labels))
+        pred.log_variance = sampler.model_log_variance(denoiser, guidance, labels, timesteps, i)
+    finally:
+        denoiser.capture_variance(False)
+    return pred, sampler.update(denoiser, x, t, t_next, pred, noise)

@@ -33,6 +33,8 @@ class GuidedPrediction:
     x: the point the prediction was made at, when the guidance moved x_t itself before the network saw it
          (EluCD's EDM path); the sampler then steps from it. None: the sampler's own x_t.
     clip: False for a prediction the sampler must take as it is (CFG-Zero*'s zero velocity): no clipping of x0.
+    log_variance: set by the sampler, never by a guidance method: the log of the step's variance from the model's
+         learned-variance channels (sampler=ddpm sampler.variance=learned); None: the fixed posterior variance.
     """
 
     x0: torch.Tensor
@@ -44,6 +46,7 @@ class GuidedPrediction:
     score_boost: float = 0.0
     x: torch.Tensor | None = None
     clip: bool = True
+    log_variance: torch.Tensor | None = None
 
 
 class Guidance:

@@ -12,6 +12,11 @@ class Denoiser(nn.Module):
     Subclasses implement `_eps` for one batch; this class owns the schedule, the eps/x0 conversions and the batching
     of several conditions into one forward pass. Labels are int64 class indices; `null_class` is the label of the
     unconditional model (None for an unconditional network).
+
+    A network that also predicts its variance (improved DDPM's `learned_range`, as DiT does) sets `learned_variance`
+    and implements `_output` (eps, then as many variance channels v in [-1, 1]); `forward` still returns eps. While a
+    sampler has armed `capture_variance`, every forward records the labels and the variance channels of its rows, and
+    `captured_variance` gives the sampler those of the prediction it asks for (sampler.variance=learned).
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor, sample_shape: Sequence[int], num_classes: int,
@@ -25,6 +30,7 @@ class Denoiser(nn.Module):
         # The range of clean data (pixel models: (-1, 1)); samplers may clip x0 to it. None for latent models.
         self.data_range = tuple(data_range) if data_range is not None else None
         self.autocast_dtype: torch.dtype | None = None
+        self._captured: list[tuple[torch.Tensor | None, torch.Tensor]] | None = None
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -43,8 +49,17 @@ class Denoiser(nn.Module):
         """Run the network under autocast in `dtype` (None: float32). The returned predictions are float32."""
         self.autocast_dtype = dtype
 
+    @property
+    def learned_variance(self) -> bool:
+        """True when the network outputs variance channels after eps (see `_output`)."""
+        return False
+
     def _eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def _output(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The network's output for one batch: eps, followed by the variance channels where `learned_variance`."""
+        return self._eps(x, t, labels)
 
     def autocast(self, device_type: str):
         """The precision context of the networks: autocast in `autocast_dtype`, or plain float32."""
@@ -53,7 +68,35 @@ class Denoiser(nn.Module):
     def forward(self, x: torch.Tensor, t: int, labels: torch.Tensor | None) -> torch.Tensor:
         t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
         with self.autocast(x.device.type):
-            return self._eps(x, t_batch, labels).float()
+            out = self._output(x, t_batch, labels).float()
+        if not self.learned_variance:
+            return out
+        channels = self.sample_shape[0]
+        if self._captured is not None:
+            self._captured.append((labels, out[:, channels:].detach()))
+        return out[:, :channels]
+
+    def capture_variance(self, on: bool) -> None:
+        """Arm (forgetting what was recorded) or disarm the recording of the variance channels of every forward."""
+        self._captured = [] if on else None
+
+    def captured_variance(self, labels: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """The variance channels (batch, C, ...) recorded since `capture_variance(True)` for the rows predicted with
+        `labels` (the last such forward; a batched forward of several conditions is searched chunk by chunk); else,
+        where there was exactly one forward of `batch` rows, that one's (an unconditional prediction); else None."""
+        records = self._captured or []
+        for recorded, variance in reversed(records):
+            if len(variance) % batch:
+                continue
+            chunks = zip([None] * (len(variance) // batch) if recorded is None else recorded.split(batch),
+                         variance.split(batch))
+            for chunk_labels, chunk in chunks:
+                if (chunk_labels is None and labels is None) or (
+                        chunk_labels is not None and labels is not None and torch.equal(chunk_labels, labels)):
+                    return chunk
+        if len(records) == 1 and len(records[0][1]) == batch:
+            return records[0][1]
+        return None
 
     def eps_many(self, x: torch.Tensor, t: int, label_sets: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
         """eps for the same x under several conditions, in one forward pass of len(label_sets) * batch."""

@@ -1,9 +1,11 @@
 """DiT (Peebles & Xie 2023) in the latent space of its VAE, loaded from a diffusers DiT folder (a hub id such as
 facebook/DiT-XL-2-256, or a local copy of one): transformer/, vae/, scheduler/.
 
-The sampler and the guidance see the same Denoiser as for pixel models: eps in latent space (the learned-variance
-channels, when the network has them, are split off as DiTPipeline does), class labels 0..999 and the null class 1000
-for the unconditional prediction. Latents are decoded once, at the end, in batches of `decode_batch_size`.
+The sampler and the guidance see the same Denoiser as for pixel models: eps in latent space, class labels 0..999 and
+the null class 1000 for the unconditional prediction. The learned-variance channels (DiT-XL/2 outputs 8 channels for
+its 4 latent ones: improved DDPM's `learned_range`) are split off from eps; DDPM with sampler.variance=learned uses
+them, as DiT's own sampling does, and every other sampler leaves them unused, as DiTPipeline does. Latents are
+decoded once, at the end, in batches of `decode_batch_size`.
 """
 
 import torch
@@ -32,9 +34,14 @@ class LatentDiT(Denoiser):
         _, h, w = self.sample_shape
         return (self.vae.config.out_channels, h * factor, w * factor)
 
-    def _eps(self, x, t, labels):
+    @property
+    def learned_variance(self):
+        return self.transformer.out_channels == 2 * self.latent_channels
+
+    def _output(self, x, t, labels):
         out = self.transformer(x, timestep=t, class_labels=labels).sample
-        return out[:, :self.latent_channels]  # learned-sigma channels, when present, are not used by these samplers
+        # eps and, where the network has them, the learned-variance channels (Denoiser.forward splits them off)
+        return out if self.learned_variance else out[:, :self.latent_channels]
 
     def decode(self, x0):
         """Latents -> images in [-1, 1], batch by batch (the VAE decoder dominates memory at 256x256)."""

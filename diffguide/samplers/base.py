@@ -41,6 +41,14 @@ class Sampler:
     #: True for samplers that draw x_next from the Gaussian posterior q(x_next | x_t, x0) (DDPM): a guidance
     #: `score` moves their mean (guided-diffusion's condition_mean) instead of their eps.
     ancestral = False
+    #: True for a sampler that steps with the model's learned variance (DDPM's variance=learned): `sample` then
+    #: records the variance channels of the denoiser's forwards during each guidance call and sets the prediction's
+    #: `log_variance` from `model_log_variance`.
+    uses_model_variance = False
+
+    def model_log_variance(self, denoiser: Denoiser, guidance: Guidance, labels: torch.Tensor,
+                           timesteps: list[int], i: int) -> torch.Tensor:
+        raise NotImplementedError
 
     @staticmethod
     def posterior_variance(denoiser: Denoiser, t: int, t_next: int) -> float:
@@ -109,21 +117,27 @@ class Sampler:
         guidance.begin(denoiser, labels, timesteps, noise)
         repeats = guidance.recurrence
         x, nfe = x_T, 0.0
-        for i, t in enumerate(timesteps):
-            t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            for r in range(repeats):
-                history = self.history()
-                pred = guidance(denoiser, x, t, labels)
-                x_at = x if pred.x is None else pred.x  # where the guidance moved x_t, the step starts from there
-                pred = self._finalize(denoiser, x_at, t, t_next, pred)
-                nfe = nfe + pred.nfe
-                x_next = self.update(denoiser, x_at, t, t_next, pred, noise)
-                if r + 1 < repeats:
-                    # Self-recurrence: back to level t with fresh noise, and the multistep history as it was.
-                    step_alpha = denoiser.alpha(t) / denoiser.alpha(t_next)
-                    x = step_alpha ** 0.5 * x_next + (1 - step_alpha) ** 0.5 * noise()
-                    self.restore(history)
-            x = x_next
-            if on_step is not None:
-                on_step(i + 1, len(timesteps))
+        try:
+            for i, t in enumerate(timesteps):
+                t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+                for r in range(repeats):
+                    history = self.history()
+                    denoiser.capture_variance(self.uses_model_variance)  # records this prediction's forwards only
+                    pred = guidance(denoiser, x, t, labels)
+                    x_at = x if pred.x is None else pred.x  # where the guidance moved x_t, the step starts from there
+                    pred = self._finalize(denoiser, x_at, t, t_next, pred)
+                    if self.uses_model_variance:
+                        pred.log_variance = self.model_log_variance(denoiser, guidance, labels, timesteps, i)
+                    nfe = nfe + pred.nfe
+                    x_next = self.update(denoiser, x_at, t, t_next, pred, noise)
+                    if r + 1 < repeats:
+                        # Self-recurrence: back to level t with fresh noise, and the multistep history as it was.
+                        step_alpha = denoiser.alpha(t) / denoiser.alpha(t_next)
+                        x = step_alpha ** 0.5 * x_next + (1 - step_alpha) ** 0.5 * noise()
+                        self.restore(history)
+                x = x_next
+                if on_step is not None:
+                    on_step(i + 1, len(timesteps))
+        finally:
+            denoiser.capture_variance(False)
         return x, nfe

@@ -18,7 +18,13 @@ class DDIM(Sampler):
         self.eta = eta
 
     def update(self, denoiser, x, t, t_next, pred, noise):
-        a_t, a_next = denoiser.alpha(t), denoiser.alpha(t_next)
-        s = self.eta * ((1 - a_next) / (1 - a_t) * (1 - a_t / a_next)) ** 0.5
-        x_next = a_next ** 0.5 * pred.x0 + max(1 - a_next - s ** 2, 0.0) ** 0.5 * pred.eps
+        s = self.eta * self.posterior_variance(denoiser, t, t_next) ** 0.5
+        x_next = self.mean(denoiser, t_next, pred, s ** 2)
         return x_next + s * noise() if s > 0 else x_next
+
+    @staticmethod
+    def mean(denoiser, t_next, pred, noise_variance: float):
+        """sqrt(a_next) x0 + sqrt(1 - a_next - s^2) eps: the mean of x_next given a noise variance s^2 (at s^2 the
+        posterior variance, the posterior mean of q(x_next | x_t, x0) when eps is consistent with x0)."""
+        a_next = denoiser.alpha(t_next)
+        return a_next ** 0.5 * pred.x0 + max(1 - a_next - noise_variance, 0.0) ** 0.5 * pred.eps

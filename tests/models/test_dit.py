@@ -6,13 +6,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 from PIL import Image
 
 from diffguide.errors import UserError
+from diffguide.guidance.none import NoGuidance
 from diffguide.models import dit
 from diffguide.run import run
-from tests.conftest import compose_run_config
+from diffguide.samplers.ddpm import DDPM
+from tests.conftest import compose_run_config, learned_variance_step
 
 NUM_CLASSES = 1000
 
@@ -122,3 +124,70 @@ def test_the_classifier_gradient_reaches_the_latents_through_the_decoder(dit_fol
     latents = torch.randn(1, 4, 8, 8, requires_grad=True)
     clf.logits(latents)[0, 0].backward()
     assert latents.grad is not None and latents.grad.abs().sum() > 0
+
+
+def _learned_range(model, steps):
+    """diffusers' DDPMScheduler with improved DDPM's learned-range variance, on DiT's respacing (linspace)."""
+    scheduler = DDPMScheduler.from_config(model.scheduler_config, variance_type="learned_range", clip_sample=False,
+                                          timestep_spacing="linspace")
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+@pytest.mark.parametrize("i", [0, 4, 9])
+def test_one_learned_variance_ddpm_step_matches_diffusers_learned_range(dit_folder, i):
+    """diffusers' DDPMScheduler.step with variance_type="learned_range" on the full 8-channel output (eps, then
+    v): `variance = self._get_variance(t, predicted_variance=predicted_variance); variance = torch.exp(0.5 * variance)
+    * variance_noise`. Today's DDPM drops v (LatentDiT._eps: `return out[:, :self.latent_channels]`) and steps with
+    the fixed posterior variance."""
+    model = dit.load(str(dit_folder))
+    assert model.learned_variance
+    sampler, guidance = DDPM(10, spacing="linspace", clip_x0=False, variance="learned"), NoGuidance()
+    timesteps = sampler.timesteps(model)
+    scheduler = _learned_range(model, 10)
+    assert timesteps == [int(t) for t in scheduler.timesteps]  # their previous_timestep is our t_next
+    t = timesteps[i]
+    x, labels = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([5, 17])
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    _, ours = learned_variance_step(sampler, model, guidance, x, labels, timesteps, i, lambda: z)
+
+    output = model.transformer(x, timestep=torch.full((2,), t), class_labels=labels).sample
+    assert output.shape[1] == 8
+    theirs = scheduler.step(output, t, x, generator=torch.Generator().manual_seed(4)).prev_sample
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
+def test_a_learned_variance_trajectory_matches_a_diffusers_learned_range_loop(dit_folder):
+    """10 DDPM steps, guidance=none, per-sample noise (Sampler.sample's `noise()`: `torch.randn(shape, generator=g)`
+    for each sample's generator g): the loop over DDPMScheduler(variance_type="learned_range").step, one sample at a
+    time with the same generator, to 1e-4."""
+    model = dit.load(str(dit_folder))
+    labels, steps = torch.tensor([3, 999]), 10
+    generators = [torch.Generator().manual_seed(20 + k) for k in range(2)]
+    x_T = torch.stack([torch.randn(4, 8, 8, generator=g) for g in generators])
+    ours, nfe = DDPM(steps, spacing="linspace", clip_x0=False, variance="learned").sample(
+        model, NoGuidance(), x_T, labels, generators)
+    assert nfe == steps
+    for k in range(2):
+        g = torch.Generator().manual_seed(20 + k)
+        x = torch.randn(1, 4, 8, 8, generator=g)
+        scheduler = _learned_range(model, steps)
+        for t in scheduler.timesteps:
+            output = model.transformer(x, timestep=t.view(1), class_labels=labels[k:k + 1]).sample
+            x = scheduler.step(output, t, x, generator=g).prev_sample
+        assert torch.allclose(ours[k], x[0], atol=1e-4), (ours[k] - x[0]).abs().max()
+    fixed, _ = DDPM(steps, spacing="linspace", clip_x0=False).sample(
+        model, NoGuidance(), x_T, labels, [torch.Generator().manual_seed(20 + k) for k in range(2)])
+    assert not torch.allclose(fixed, ours, atol=1e-3)
+
+
+def test_the_dit_paper_protocol_runs_from_the_readme_command(dit_folder, tmp_path):
+    """The README's DiT command (sampler=ddpm sampler.spacing=linspace sampler.variance=learned guidance=cfg
+    guidance.channels=3) composes and runs, at CFG's two forwards per step in one batched call."""
+    steps = 3
+    cfg = compose_run_config(["model=dit_xl_2_256", f"model.source={dit_folder}", "metric=none", "logger=none",
+                              "sampler=ddpm", f"steps={steps}", "sampler.spacing=linspace", "sampler.variance=learned",
+                              "guidance=cfg", "scale=1.5", "guidance.channels=3", "num_samples=2", "precision=fp32"],
+                             tmp_path / "run")
+    assert run(cfg)["nfe"] == 2 * steps
+    assert len(list((tmp_path / "run" / "samples").glob("*.png"))) == 2

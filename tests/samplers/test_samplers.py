@@ -1,15 +1,26 @@
 """Each sampler's update rule against the diffusers scheduler it follows, and against the exact mixture."""
 
+import math
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from diffguide.errors import UserError
+from diffguide.guidance.adaptive import AdaptiveGuidance
+from diffguide.guidance.apg import APG
+from diffguide.guidance.base import GuidedPrediction
+from diffguide.guidance.cfg import CFG
+from diffguide.guidance.cfg_interval import CFGInterval
+from diffguide.guidance.cfg_rescale import CFGRescale
+from diffguide.guidance.cfg_zero_star import CFGZeroStar
+from diffguide.guidance.cfgpp import CFGPlusPlus
 from diffguide.guidance.none import NoGuidance
 from diffguide.models import gmm
 from diffguide.samplers.ddim import DDIM
 from diffguide.samplers.ddpm import DDPM
 from diffguide.samplers.dpmpp_2m import DPMSolverPP2M
+from tests.conftest import ToyDenoiser, learned_variance_step
 
 
 @pytest.fixture
@@ -100,3 +111,117 @@ def test_sampler_config_errors(mixture):
         DDIM(10, spacing="sideways")
     with pytest.raises(UserError, match="exceeds"):
         DDIM(1001).check(mixture)
+
+
+class LearnedVarianceToy(ToyDenoiser):
+    """ToyDenoiser that also outputs a variance channel per eps channel: v = -1 for the null class (frac 0: the
+    posterior variance) and 0.5 for a class (frac 0.75), so a test can tell whose variance the sampler took."""
+
+    learned_variance = True
+
+    def _output(self, x, t, labels):
+        v = torch.where(labels == self.null_class, -1.0, 0.5).to(x.dtype).view(-1, 1, 1, 1).expand_as(x)
+        return torch.cat([self._eps(x, t, labels), v], 1)
+
+
+class RecordingDDPM(DDPM):
+    def update(self, denoiser, x, t, t_next, pred, noise):
+        self.seen = getattr(self, "seen", []) + [(t, t_next, pred.log_variance)]
+        return super().update(denoiser, x, t, t_next, pred, noise)
+
+
+def _run_learned(guidance, steps=4, batch=3):
+    toy = LearnedVarianceToy()
+    generators = [torch.Generator().manual_seed(i) for i in range(batch)]
+    x_T = torch.stack([torch.randn(1, 2, 2, generator=g) for g in generators])
+    sampler = RecordingDDPM(steps, clip_x0=False, variance="learned")
+    sampler.check(toy)
+    x, nfe = sampler.sample(toy, guidance, x_T, torch.arange(batch) % 3, generators)
+    return toy, sampler, x, nfe
+
+
+@pytest.mark.parametrize("guidance, frac", [(CFG(2.0), 0.75), (NoGuidance(), 0.75),
+                                            (NoGuidance(conditional=False), 0.0)])
+def test_learned_variance_is_the_conditional_predictions_without_extra_forwards(guidance, frac):
+    """DiT's forward_with_cfg (models.py) returns `torch.cat([eps, rest], dim=1)` with `rest` the conditional half's
+    variance channels; the unconditional model alone gives its own. Today's DDPM has no `variance` argument."""
+    toy, sampler, _, nfe = _run_learned(guidance)
+    assert len(toy.calls) == 4 and nfe == (2 if isinstance(guidance, CFG) else 1) * 4  # one forward per step
+    timesteps = sampler.timesteps(toy)
+    for (t, t_next, log_var), i in zip(sampler.seen, range(4)):
+        beta = 1 - toy.alpha(t) / toy.alpha(t_next)
+        # the last step's posterior variance (0) is clipped to the previous step's, as guided-diffusion's log is
+        posterior = sampler.posterior_variance(toy, t, t_next) if t_next >= 0 else \
+            sampler.posterior_variance(toy, timesteps[-2], t)
+        expected = frac * math.log(beta) + (1 - frac) * math.log(posterior)
+        assert torch.allclose(log_var, torch.full_like(log_var, expected), atol=1e-6), (i, t)
+
+
+@pytest.mark.parametrize("make", [lambda: CFGRescale(2.0), lambda: CFGPlusPlus(0.6), lambda: APG(2.0),
+                                  lambda: CFGInterval(2.0), lambda: CFGZeroStar(2.0, zero_init_steps=0)])
+def test_learned_variance_with_the_cfg_family(make):
+    _, sampler, x, _ = _run_learned(make())
+    assert torch.isfinite(x).all() and all(torch.allclose(v, v.flatten()[0]) for _, _, v in sampler.seen)
+
+
+@pytest.mark.parametrize("make", [lambda: CFGZeroStar(2.0), lambda: AdaptiveGuidance(2.0, gamma=-1.0)])
+def test_learned_variance_refuses_a_step_without_a_whole_batch_forward_in_one_line(make):
+    guidance = make()
+    with pytest.raises(UserError, match=f"guidance={guidance.name} gives no whole-batch forward") as err:
+        _run_learned(guidance)
+    assert "\n" not in str(err.value) and "works with guidance=none, cfg" in str(err.value)
+
+
+def test_learned_variance_needs_a_model_with_variance_channels(mixture, toy):
+    """Today's DDPM(steps, spacing, clip_x0) takes no `variance`."""
+    with pytest.raises(UserError, match="sampler.variance=learned needs a model that predicts its variance") as err:
+        DDPM(10, variance="learned").check(toy)
+    assert "\n" not in str(err.value)
+    DDPM(10, variance="learned").check(LearnedVarianceToy())
+    with pytest.raises(UserError, match="sampler.variance='learnt' is not one of fixed_small, learned"):
+        DDPM(10, variance="learnt")
+
+
+def test_learned_variance_is_refused_before_sampling_on_the_fmnist_unet(run_diffguide, tmp_path):
+    with pytest.raises(UserError, match="sampler.variance=learned needs a model that predicts its variance"):
+        run_diffguide(tmp_path / "run", "sampler=ddpm", "sampler.variance=learned")
+    assert not (tmp_path / "run" / "samples").exists() or not any((tmp_path / "run" / "samples").iterdir())
+
+
+def test_classifier_guidance_moves_the_mean_by_the_learned_variance():
+    """guided-diffusion's condition_mean: `new_mean = p_mean_var["mean"].float() + p_mean_var["variance"] *
+    gradient.float()`, where `variance` is the model's (learned_range: exp of the interpolated log), and
+    `sample = out["mean"] + nonzero_mask * th.exp(0.5 * out["log_variance"]) * noise`."""
+    from diffguide.classifiers.base import Classifier
+    from diffguide.guidance.classifier import ClassifierGuidance
+
+    class Linear(Classifier):
+        num_classes = 3
+
+        def log_prob(self, x, t):
+            return torch.log_softmax(torch.stack([x.flatten(1).sum(1) * k for k in range(3)], 1), 1)
+
+    toy, classifier, s = LearnedVarianceToy(), Linear(), 2.0
+    x, labels, z = torch.randn(2, 1, 2, 2), torch.tensor([0, 2]), torch.randn(2, 1, 2, 2)
+    sampler, guidance = DDPM(4, clip_x0=False, variance="learned"), ClassifierGuidance(classifier, scale=s)
+    timesteps = sampler.timesteps(toy)
+    t, t_next = timesteps[1], timesteps[2]
+    pred, got = learned_variance_step(sampler, toy, guidance, x, labels, timesteps, 1, noise=lambda: z)
+    # the unconditional model (guidance.conditional_model=false), the step's only forward: v = -1, frac = 0
+    log_var = math.log(sampler.posterior_variance(toy, t, t_next))
+    assert torch.allclose(pred.log_variance, torch.full_like(x, log_var))
+    a, a_next = toy.alpha(t), toy.alpha(t_next)
+    eps_u = toy(x, t, toy.null_labels(labels))
+    x0 = (x - (1 - a) ** 0.5 * eps_u) / a ** 0.5
+    beta = 1 - a / a_next
+    mean = a_next ** 0.5 * beta / (1 - a) * x0 + (a / a_next) ** 0.5 * (1 - a_next) / (1 - a) * x
+    expected = mean + math.exp(log_var) * s * classifier.grad_log_prob(x, t, labels) + math.exp(0.5 * log_var) * z
+    assert torch.allclose(got, expected, atol=1e-5)
+
+    # a class-conditional forward (conditional_model=true): v = 0.5, frac = 0.75, and the move follows it
+    guidance = ClassifierGuidance(classifier, scale=s, conditional_model=True)
+    pred, learned = learned_variance_step(sampler, toy, guidance, x, labels, timesteps, 1, lambda: torch.zeros_like(x))
+    no_score = sampler.update(toy, x, t, t_next, GuidedPrediction(pred.x0, pred.eps, 1, log_variance=pred.log_variance),
+                              noise=lambda: torch.zeros_like(x))
+    variance = math.exp(0.75 * math.log(beta) + 0.25 * log_var)
+    assert torch.allclose(learned - no_score, variance * s * classifier.grad_log_prob(x, t, labels), atol=1e-6)
