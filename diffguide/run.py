@@ -89,12 +89,37 @@ def dependency_files(node, prefix: str) -> dict[str, str]:
     return found
 
 
+#: Keys added to a group after samples were first recorded, with the default that reproduces the images made before
+#: they existed: left out of the fingerprint at that default, so that a folder made before them still resumes (its
+#: sampling.json and every sample's `run` digest stay what they were).
+ADDED_KEYS = {("sampler", "variance"): "fixed_small", ("guidance", "channels"): None}
+
+
+def revision(node) -> int:
+    """The `revision` of the class a config node's `_target_` names (0 when it has none, or names a function): a
+    class raises it when a correction changes the images its unchanged settings make."""
+    target = node.get("_target_") if isinstance(node, dict) else None
+    if not isinstance(target, str):
+        return 0
+    try:
+        return int(getattr(get_class(target), "revision", 0))
+    except (ImportError, ValueError, AttributeError):
+        return 0
+
+
 def fingerprint(cfg: DictConfig) -> tuple[dict, dict[str, str]]:
     """The settings an image depends on (not batch size, device split or sample count), with the content digest of
-    every file they name; and those files' paths by config key (to name the one that changed)."""
+    every file they name, and the code revision of the sampler and guidance where it is not 0; and those files'
+    paths by config key (to name the one that changed)."""
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     keys = ("model", "sampler", "guidance", "classifier", "seed", "precision")
     fp = {key: resolved[key] for key in keys}
+    for (group, key), default in ADDED_KEYS.items():
+        if isinstance(fp[group], dict) and key in fp[group] and fp[group][key] == default:
+            fp[group] = {k: v for k, v in fp[group].items() if k != key}
+    for group in ("sampler", "guidance"):
+        if revision(fp[group]):
+            fp[group] = {**fp[group], "_revision": revision(fp[group])}
     files = {}
     for key in ("model", "sampler", "guidance", "classifier"):
         files.update(dependency_files(resolved[key], key))

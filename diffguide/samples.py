@@ -82,7 +82,9 @@ def _flatten(node, prefix: str = "") -> dict:
 def _settings_differ(out_dir: Path, previous: dict, fingerprint: dict, files: dict[str, str]) -> str:
     old, new = _flatten({k: v for k, v in previous.items() if k != "files"}), \
         _flatten({k: v for k, v in fingerprint.items() if k != "files"})
-    changed = [f"{k}: {old.get(k, '(unset)')} there, {new.get(k, '(unset)')} now" for k in sorted(set(old) | set(new))
+    changed = [f"{k.rsplit('.', 1)[0]}'s code was corrected since those samples were made (revision "
+               f"{old.get(k, 0)} there, {new.get(k, 0)} now)" if k.endswith("._revision") else
+               f"{k}: {old.get(k, '(unset)')} there, {new.get(k, '(unset)')} now" for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k)]
     old_files, new_files = previous.get("files") or {}, fingerprint.get("files") or {}
     changed += [f"{k} ({files.get(k, 'a file')}) changed since those samples were made" for k in sorted(set(old_files) & set(new_files))

@@ -47,6 +47,37 @@ def test_resume_refuses_samples_made_with_other_settings(run_diffguide, tmp_path
     assert run_diffguide(out, "guidance=cfg", "scale=2.0", "batch_size=1")["images_generated"] == 0
 
 
+def test_keys_added_later_leave_older_folders_resumable(run_diffguide, tmp_path):
+    """A folder made before sampler.variance and guidance.channels existed recorded neither: at their defaults they
+    stay out of the fingerprint, so its sampling.json and every sample's run digest still match and nothing is
+    remade; a non-default value is a different run."""
+    import json
+
+    out = tmp_path / "run"
+    run_diffguide(out, "guidance=cfg", "sampler=ddpm")
+    recorded = json.loads((out / "sampling.json").read_text())
+    assert "channels" not in recorded["guidance"] and "variance" not in recorded["sampler"]
+    assert run_diffguide(out, "guidance=cfg", "sampler=ddpm")["images_generated"] == 0
+    with pytest.raises(UserError, match="guidance.channels: .unset. there, 1 now"):
+        run_diffguide(out, "guidance=cfg", "sampler=ddpm", "guidance.channels=1")
+
+
+def test_samples_made_before_a_methods_correction_are_not_resumed(run_diffguide, tmp_path):
+    """guidance=cfg_zero_star's zero-init was corrected (revision 1): a folder whose sampling.json was recorded by
+    the uncorrected code (no _revision) is refused in one line that says so, rather than mixed with new samples."""
+    import json
+
+    out = tmp_path / "run"
+    run_diffguide(out, "guidance=cfg_zero_star")
+    path = out / "sampling.json"
+    recorded = json.loads(path.read_text())
+    assert recorded["guidance"]["_revision"] == 1
+    del recorded["guidance"]["_revision"]
+    path.write_text(json.dumps(recorded))
+    with pytest.raises(UserError, match="guidance's code was corrected since those samples were made"):
+        run_diffguide(out, "guidance=cfg_zero_star")
+
+
 @pytest.mark.parametrize("guidance, scale, nfe_per_step", [("none", 1.0, 1), ("cfg", 2.0, 2), ("cfg", 1.0, 1),
                                                            ("cfgpp", 0.6, 2)])
 def test_metrics_json_and_labels(run_diffguide, tmp_path, guidance, scale, nfe_per_step):

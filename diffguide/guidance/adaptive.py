@@ -26,6 +26,7 @@ from diffguide.guidance.cfg import combine
 
 class AdaptiveGuidance(Guidance):
     name = "adaptive"
+    revision = 1  # 1: the switch at the step whose cosine first exceeds gamma
 
     def __init__(self, scale: float, gamma: float = 0.99, space: str = "eps"):
         self.scale = self.check_scale(self.name, scale)

@@ -59,6 +59,9 @@ class Guidance:
     name = "guidance"
     #: The scale in the method's own paper convention; None for methods without one.
     scale: float | None = None
+    #: Raised when a correction changes the images this method makes with unchanged settings: it enters the run's
+    #: fingerprint (when not 0), so that samples made before the correction are not resumed into the same run.
+    revision: int = 0
     #: Self-recurrence (Universal Guidance, TFG): the sampler takes each step this many times, re-noising the result
     #: back to the step's noise level in between (x_t = sqrt(a_t / a_next) x_next + sqrt(1 - a_t / a_next) z).
     recurrence: int = 1

@@ -26,6 +26,7 @@ def optimised_scale(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, tiny: floa
 
 class CFGZeroStar(Guidance):
     name = "cfg_zero_star"
+    revision = 1  # 1: zero-init as a zero flow velocity
 
     def __init__(self, scale: float, zero_init_steps: int = 1):
         self.scale = self.check_scale(self.name, scale)

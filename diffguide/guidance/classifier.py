@@ -15,6 +15,7 @@ from diffguide.guidance.base import Guidance
 
 class ClassifierGuidance(Guidance):
     name = "classifier"
+    revision = 1  # 1: the classifier term applied after the clip
 
     def __init__(self, classifier: Classifier, scale: float, conditional_model: bool = False):
         if not isinstance(classifier, Classifier):

@@ -44,6 +44,7 @@ def _rms(v: torch.Tensor) -> torch.Tensor:
 
 class OffTheShelfGuidance(Guidance):
     name = "offshelf"
+    revision = 1  # 1: EluCD's gradient at the clipped x0, its p_sample
 
     def __init__(self, classifier: CleanClassifier, scale: float, temperature: float = 1.0,
                  marginal_temperature: float | None = 0.5, through_denoiser: bool = False, path: str = "ddpm",

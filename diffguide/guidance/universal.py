@@ -34,6 +34,7 @@ SIGMA_SCHEDULES = ("decrease", "constant")
 
 class UniversalGuidance(Guidance):
     name = "universal"
+    revision = 1  # 1: mean guidance keeps the classifier's gradient at saturated pixels
 
     def __init__(self, classifier: CleanClassifier, scale: float = 1.0, rho: float = 1.0, mu: float = 0.25,
                  sigma: float = 0.001, mc_samples: int = 1, iter_steps: int = 4, recurrence: int = 1,
