@@ -61,8 +61,12 @@ def main():
         f"autoguidance w={w:g}": AutoGuidance(gmm.ring(num_classes=4, radius=2.0, std=1.0), w),
         # clean-data gradients do not shrink with the noise: with 50 steps s = 1 throws samples far past the class
         # (its panel's mean says where they went, out of the frame)
-        "offshelf (exact p(y|x0)) s=0.05": OffTheShelfGuidance(ExactMixtureCleanClassifier(model), 0.05),
-        "offshelf (exact p(y|x0)) s=1": OffTheShelfGuidance(ExactMixtureCleanClassifier(model), 1.0),
+        # (on the unconditional model, like the classifier panel: on the conditional one the exact p(y | x0) is
+        # already near 1 and its gradient near 0)
+        "offshelf (exact p(y|x0)) s=0.05": OffTheShelfGuidance(ExactMixtureCleanClassifier(model), 0.05,
+                                                               conditional_model=False),
+        "offshelf (exact p(y|x0)) s=1": OffTheShelfGuidance(ExactMixtureCleanClassifier(model), 1.0,
+                                                            conditional_model=False),
         f"gfcg s={w:g} (base: cond.)": GradientFreeClassifierGuidance(ExactMixtureCleanClassifier(model), w,
                                                                      base="none"),
         "universal (TFG) s=1": UniversalGuidance(ExactMixtureCleanClassifier(model), 1.0),

@@ -28,6 +28,7 @@ GRID: dict[str, list[float | None]] = {
     "autoguidance": [1.5, 2.0, 3.0],
     "classifier": [3.0, 10.0],
     "offshelf": [0.1, 0.3, 1.0],
+    "offshelf (unconditional)": [1.0],
     "gfcg": [1.0, 2.0],
     "gfcg + autoguidance": [1.0],
     "universal": [0.1, 0.3],
@@ -38,6 +39,7 @@ GRID: dict[str, list[float | None]] = {
 # EluCD does; GFCG is also shown on autoguidance, the combination its paper reports.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "none (unconditional)": ("none", ["guidance.conditional=false"]),
+    "offshelf (unconditional)": ("offshelf", ["guidance.conditional_model=false"]),
     "gfcg + autoguidance": ("gfcg", ["guidance.base=autoguidance", "guidance.base_scale=2.0"]),
 }
 
