@@ -3,6 +3,9 @@
 The data estimate comes from eps_lam = eps_u + lam (eps_c - eps_u), but the sampler re-noises it with the
 UNconditional eps_u; for DDIM: x_{t-1} = sqrt(a_{t-1}) x0(eps_lam) + sqrt(1 - a_{t-1}) eps_u. The paper's
 lam lies in [0, 1] (0.6 in its examples; lam = 1 is not CFG at w = 1 because of the re-noising).
+Read as CFG, one CFG++ DDIM step from sigma_t to sigma_next (sigma = sqrt((1 - a) / a)) is a CFG step at
+w_t = lam sigma_t / (sigma_t - sigma_next): a schedule that rises and falls over the trajectory and ends at lam;
+scripts/cfgpp_effective_scale.py prints it, and the lam whose median w_t matches a CFG weight.
 """
 
 import warnings
