@@ -29,6 +29,9 @@ GRID: dict[str, list[float | None]] = {
     "classifier": [3.0, 10.0],
     "offshelf": [0.1, 0.3, 1.0],
     "offshelf (unconditional)": [1.0],
+    "none (ddpm)": [None],
+    "classifier (ddpm)": [3.0],
+    "offshelf (ddpm)": [0.3, 1.0],
     "gfcg": [1.0, 2.0],
     "gfcg + autoguidance": [1.0],
     "universal": [0.1, 0.3],
@@ -40,6 +43,10 @@ GRID: dict[str, list[float | None]] = {
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "none (unconditional)": ("none", ["guidance.conditional=false"]),
     "offshelf (unconditional)": ("offshelf", ["guidance.conditional_model=false"]),
+    # the ancestral sampler, where classifier guidance and EluCD move the mean (condition_mean, EluCD's p_sample)
+    "none (ddpm)": ("none", ["sampler=ddpm"]),
+    "classifier (ddpm)": ("classifier", ["sampler=ddpm"]),
+    "offshelf (ddpm)": ("offshelf", ["sampler=ddpm"]),
     "gfcg + autoguidance": ("gfcg", ["guidance.base=autoguidance", "guidance.base_scale=2.0"]),
 }
 
