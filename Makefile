@@ -33,7 +33,7 @@ slurm-start:
 slurm-stop:
 	scripts/slurm_local.sh stop
 
-# every guidance method at its best scale (README table); about 85 minutes on 2 CPU cores, resumable
+# every guidance method at its best scale (README table); 42 points, about 90 minutes on 2 CPU cores, resumable
 method-table:
 	$(PYTHON) scripts/method_table.py
 
