@@ -33,6 +33,7 @@ import torch
 from diffguide.classifiers.clean import CleanClassifier, clip_straight_through
 from diffguide.errors import UserError
 from diffguide.guidance.base import Guidance, GuidedPrediction
+from diffguide.samplers.base import Sampler
 
 SCHEDULES = ("constant", "elucd_sine")
 PATHS = ("ddpm", "edm")
@@ -75,10 +76,8 @@ class OffTheShelfGuidance(Guidance):
         # Sigma_t of each step: the sampler's trajectory when it has announced one (begin), else the full chain.
         self._steps = self.timesteps or list(range(denoiser.num_train_timesteps - 1, -1, -1))
         nexts = self._steps[1:] + [-1]
-        variances = [(1 - denoiser.alpha(n)) / (1 - denoiser.alpha(t)) * (1 - denoiser.alpha(t) / denoiser.alpha(n))
-                     for t, n in zip(self._steps, nexts)]
+        variances = [Sampler.posterior_variance(denoiser, t, n) for t, n in zip(self._steps, nexts)]
         # EluCD keeps max(Sigma) as a running maximum over the steps taken (self.max_variance in p_sample).
-        self._variance = dict(zip(self._steps, variances))
         self._max_variance = {t: max(variances[:k + 1]) for k, t in enumerate(self._steps)}
 
     def log_score(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
