@@ -118,8 +118,9 @@ def fingerprint(cfg: DictConfig) -> tuple[dict, dict[str, str]]:
         if isinstance(fp[group], dict) and key in fp[group] and fp[group][key] == default:
             fp[group] = {k: v for k, v in fp[group].items() if k != key}
     for group in ("sampler", "guidance"):
-        if revision(fp[group]):
-            fp[group] = {**fp[group], "_revision": revision(fp[group])}
+        code = revision(fp[group])
+        if code:
+            fp[group] = {**fp[group], "_revision": code}
     files = {}
     for key in ("model", "sampler", "guidance", "classifier"):
         files.update(dependency_files(resolved[key], key))

@@ -338,18 +338,14 @@ CASES: list[Case] = [
          before=["scale=1e38", "precision=fp32", "sampler.clip_x0=false"]),
 
     # ---- kills at several moments, then the same command again
-    Case("SIGKILL at the start", [], expect=KILL, kill=(K, "start")),
-    Case("SIGKILL after sampling.json appears", [], expect=KILL, kill=(K, "claimed")),
-    Case("SIGKILL during sampling (3 PNGs written)", [], expect=KILL, kill=(K, "sampling")),
-    Case("SIGKILL during scoring", [], expect=KILL, kill=(K, "scoring"), metric=True, cache="copy"),
-    Case("SIGKILL during scoring, cache being filled", [], expect=KILL, kill=(K, "scoring"), metric=True,
-         cache="empty"),
-    Case("SIGINT at the start", [], expect=KILL, kill=(I, "start")),
-    Case("SIGINT after sampling.json appears", [], expect=KILL, kill=(I, "claimed")),
-    Case("SIGINT during sampling (3 PNGs written)", [], expect=KILL, kill=(I, "sampling")),
-    Case("SIGINT during scoring", [], expect=KILL, kill=(I, "scoring"), metric=True, cache="copy"),
-    Case("SIGINT during scoring, cache being filled", [], expect=KILL, kill=(I, "scoring"), metric=True,
-         cache="empty"),
+    *[Case(f"{sig.name} {when}", [], expect=KILL, kill=(sig, moment), **scoring)
+      for sig in (K, I)
+      for when, moment, scoring in (("at the start", "start", {}),
+                                    ("after sampling.json appears", "claimed", {}),
+                                    ("during sampling (3 PNGs written)", "sampling", {}),
+                                    ("during scoring", "scoring", {"metric": True, "cache": "copy"}),
+                                    ("during scoring, cache being filled", "scoring",
+                                     {"metric": True, "cache": "empty"}))],
 
     # ---- two processes on one out_dir
     Case("race: two identical runs started together", [], expect=RACE),
