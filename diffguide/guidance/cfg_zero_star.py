@@ -8,7 +8,8 @@ state x_t = sqrt(a) x0 + sqrt(1 - a) eps is the flow state x_f = (1 - s) x0 + s 
     x0 = eps = x_t / (sqrt(a_t) + sqrt(1 - a_t)),
 so the step keeps x_t / (sqrt(a) + sqrt(1 - a)) where it is, exactly a flow-matching Euler step with v = 0. The
 sampler takes it unclipped (clipping x0 would make the velocity nonzero again). eps = 0, the earlier reading, is the
-zero velocity in EDM coordinates instead, which inflates a latent model's x (std 1.000 -> 1.486 on DiT's first step).
+zero velocity in EDM coordinates instead, which inflates a latent model's x (an audit measured std 1.000 -> 1.486
+on DiT's first step).
 The projection acts on eps, as diffusers' ClassifierFreeZeroStarGuidance does. scale = CFG's w.
 """
 
