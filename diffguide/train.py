@@ -62,6 +62,24 @@ def diffusion_loss(model: unet_lib.UNetDenoiser, x0: torch.Tensor, labels: torch
     return F.mse_loss(eps.float(), noise)
 
 
+def flow_loss(model: unet_lib.UNetDenoiser, x0: torch.Tensor, labels: torch.Tensor, label_dropout: float,
+              generator: torch.Generator) -> torch.Tensor:
+    """The flow-matching (rectified flow) velocity loss: x_tau = (1 - tau) x0 + tau eps with tau ~ U(0, 1), target
+    v = eps - x0, the network's timestep input 1000 tau (the convention of diffusers' FlowMatchEulerDiscreteScheduler:
+    timestep = sigma * num_train_timesteps); labels dropped to the null class as in `diffusion_loss`."""
+    batch = x0.shape[0]
+    tau = torch.rand(batch, generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    tau_b = tau.view(-1, 1, 1, 1)
+    x_t = (1 - tau_b) * x0 + tau_b * noise
+    drop = torch.rand(batch, generator=generator).to(x0.device) < label_dropout
+    labels = torch.where(drop, torch.full_like(labels, model.null_class), labels)
+    autocast = model.autocast_dtype
+    with torch.autocast(x0.device.type, dtype=autocast, enabled=autocast is not None):
+        v = model.unet(x_t, tau * 1000, class_labels=labels).sample
+    return F.mse_loss(v.float(), noise - x0)
+
+
 def train_unet(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
                log=print, model: unet_lib.UNetDenoiser | None = None) -> tuple[unet_lib.UNetDenoiser, dict]:
     """Train (from `model`, or from a fresh network built from cfg.unet); returns the EMA model and its stats."""
@@ -75,12 +93,13 @@ def train_unet(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, devi
     ema = copy.deepcopy(model.unet).requires_grad_(False)
     opt = torch.optim.AdamW(model.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     x_all = to_model_range(images)
+    loss_fn = flow_loss if cfg.get("parameterisation", "eps") == "flow" else diffusion_loss
     losses, start = [], time.time()
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg.steps, cfg.lr, cfg.warmup_steps)
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=generator)
-        loss = diffusion_loss(model, x_all[idx].to(device), labels[idx].to(device), cfg.label_dropout, generator)
+        loss = loss_fn(model, x_all[idx].to(device), labels[idx].to(device), cfg.label_dropout, generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.unet.parameters(), 1.0)
@@ -102,6 +121,14 @@ def train_unet(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, devi
     return model, stats
 
 
+def _family(cfg: DictConfig) -> dict:
+    """What a checkpoint records of the model family beyond the network: a flow model its parameterisation and its
+    own time grid's config (not the DDPM schedule the training network was wrapped in)."""
+    if cfg.get("parameterisation", "eps") == "eps":
+        return {}
+    return {"parameterisation": cfg.parameterisation, "scheduler": OmegaConf.to_container(cfg.scheduler)}
+
+
 def _save_unet(model, ema, cfg, step, losses, wall, device) -> dict:
     tail = losses[-min(len(losses), 100):]
     stats = {"steps": step, "final_loss": sum(tail) / len(tail), "first_loss": losses[0], "wall_time_s": round(wall, 1),
@@ -109,7 +136,7 @@ def _save_unet(model, ema, cfg, step, losses, wall, device) -> dict:
     live = model.unet
     model.unet = ema
     try:
-        unet_lib.save(model, Path(cfg.out), extra={"training": stats})
+        unet_lib.save(model, Path(cfg.out), extra={"training": stats, **_family(cfg)})
     finally:
         model.unet = live
     return stats
