@@ -32,9 +32,9 @@ class RunConfig:
     metric: Any = None
     logger: Any = None
     scale: Optional[float] = None  # null: the guidance method's paper default
-    steps: int = 50
+    steps: int = 25
     num_samples: int = 1000
-    batch_size: int = 250
+    batch_size: int = 125
     seed: int = 0
     device: str = "auto"
     precision: Precision = Precision.bf16

@@ -13,7 +13,7 @@ import torch
 
 from diffguide.checkpoint import asset_path
 from diffguide.data import fashion_mnist
-from diffguide.metrics.fidelity import FashionMNISTMetrics
+from diffguide.metrics.fmnist import FashionMNISTMetrics
 from diffguide.samples import SampleStore
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.helpers import ROOT, run_cli
 
 
 def test_two_ranks_write_the_same_images_as_one(tiny_unet_path, tiny_evaluator_path, fidelity_cache, tmp_path):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def slurm_ready() -> str | None:

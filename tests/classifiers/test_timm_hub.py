@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from diffguide.classifiers.clean import TimmHubClassifier
 from diffguide.errors import UserError
-from tests.conftest import compose_run_config
+from tests.helpers import compose_run_config
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from diffguide.data import fashion_mnist
-from diffguide.metrics.fidelity import FashionMNISTMetrics
+from diffguide.metrics.fmnist import FashionMNISTMetrics
+from diffguide.samples import sample_path
 
 
 @dataclass
@@ -33,7 +34,7 @@ def write_samples(folder: Path, images: torch.Tensor) -> Path:
     """PNGs named as SampleStore names them (000000.png, ...), which is all the metrics read."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
-        Image.fromarray(image[0].numpy()).save(folder / f"{i:06d}.png")
+        Image.fromarray(image[0].numpy()).save(sample_path(folder, i))
     return folder
 
 

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from diffguide.errors import UserError
-from diffguide.metrics import fidelity
-from diffguide.metrics.fidelity import FashionMNISTMetrics, InceptionMetrics, NoMetrics
+from diffguide.metrics import base
+from diffguide.metrics.base import NoMetrics
+from diffguide.metrics.fmnist import FashionMNISTMetrics
+from diffguide.metrics.inception import InceptionMetrics
 
 
 def _fmnist(small, tmp_path, **kwargs):
@@ -98,7 +100,7 @@ def test_scoring_at_the_smallest_sample_counts_gives_finite_numbers(small, tmp_p
 def test_scoring_refuses_too_few_samples_and_non_finite_numbers(small, tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"metric\.prc needs more than 3"):
         small.metric(tmp_path)(small.samples, small.labels[:3], torch.device("cpu"))
-    monkeypatch.setattr(fidelity, "fid_statistics_to_metric",
+    monkeypatch.setattr(base, "fid_statistics_to_metric",
                         lambda *args: {"frechet_inception_distance": float("nan")})
     with pytest.raises(UserError, match="fid_fmnist came out nan on 40 samples"):
         small.score(tmp_path)

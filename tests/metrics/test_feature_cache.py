@@ -13,9 +13,11 @@ import torch
 import torch_fidelity
 from torch_fidelity.registry import DATASETS_REGISTRY
 
-from diffguide import checkpoint
+from diffguide import atomic, checkpoint
 from diffguide.data import fashion_mnist
-from diffguide.metrics.fidelity import FeatureCache, InceptionMetrics, ReferenceFile, SampleFiles, _ArrayImages
+from diffguide.metrics.base import SampleFiles
+from diffguide.metrics.inception import InceptionMetrics
+from diffguide.metrics.reference import FeatureCache, ReferenceFile, _ArrayImages
 
 KEYS = {"frechet_inception_distance": "fid", "inception_score_mean": "isc", "inception_score_std": "isc_std",
         "kernel_inception_distance_mean": "kid", "kernel_inception_distance_std": "kid_std",
@@ -148,9 +150,9 @@ def test_a_cache_that_cannot_be_written_costs_one_warning(small, clean, tmp_path
     scores, _ = clean
 
     def full(path, data):
-        raise checkpoint.DiskFull(f"no space left on the device of {path.parent}")
+        raise atomic.DiskFull(f"no space left on the device of {path.parent}")
 
-    monkeypatch.setattr(checkpoint, "atomic_write_bytes", full)
+    monkeypatch.setattr(atomic, "atomic_write_bytes", full)
     capsys.readouterr()
     assert small.score(tmp_path) == pytest.approx(scores, rel=1e-9)
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from diffguide.data import fashion_mnist
-from diffguide.metrics import evaluator as evaluator_lib
-from diffguide.metrics.fidelity import FashionMNISTMetrics
+from diffguide.metrics.fmnist import FashionMNISTMetrics
+from diffguide.networks import evaluator as evaluator_lib
 from diffguide.samples import SampleStore
 
 
@@ -133,7 +133,7 @@ def test_an_npz_without_images_or_statistics_is_refused(tmp_path, tiny_evaluator
 
 def test_dinov2_option_and_unknown_extractors(tmp_path):
     from diffguide.errors import UserError
-    from diffguide.metrics.fidelity import InceptionMetrics
+    from diffguide.metrics.inception import InceptionMetrics
 
     from PIL import Image
 
@@ -155,7 +155,7 @@ def test_weights_that_would_download_are_checked_before_sampling(tmp_path, monke
     """Without metric.weights torch-fidelity downloads the extractor's weights while scoring, after the sampling:
     with their server unreachable and no cached copy, check() refuses at once."""
     from diffguide.errors import UserError
-    from diffguide.metrics import fidelity
+    from diffguide.metrics.inception import InceptionMetrics
     from diffguide.models import hub
 
     from PIL import Image
@@ -166,6 +166,6 @@ def test_weights_that_would_download_are_checked_before_sampling(tmp_path, monke
     monkeypatch.setattr(hub, "reachable", lambda url, timeout=3.0: False)
     for extractor in ("inception-v3-compat", "dinov2-vit-l-14"):
         with pytest.raises(UserError, match="downloads its weights, and .* cannot be reached from here"):
-            fidelity.InceptionMetrics(str(tmp_path), feature_extractor=extractor).check(100)
+            InceptionMetrics(str(tmp_path), feature_extractor=extractor).check(100)
     monkeypatch.setattr(hub, "reachable", lambda url, timeout=3.0: True)
-    fidelity.InceptionMetrics(str(tmp_path)).check(100)
+    InceptionMetrics(str(tmp_path)).check(100)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from diffguide.errors import UserError
 from diffguide.run import run
-from tests.conftest import compose_run_config
+from tests.helpers import compose_run_config
 
 
 @pytest.fixture(scope="module")

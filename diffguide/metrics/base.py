@@ -1,0 +1,240 @@
+"""Sample-quality metrics through torch-fidelity: FID, IS, KID, precision/recall (the metric groups' shared part).
+
+torch-fidelity extracts the features and computes every statistic from them with its own functions; a metric
+(`fmnist`, `inception`) names the feature extractor and the reference set it should use, diffguide keeps the
+reference set's features in its own cache (see `reference.FeatureCache`; torch-fidelity's cache is a pickle and is
+never read or written), and the results are named for what they are (`fid_fmnist` is not Inception FID).
+"""
+
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch_fidelity
+from PIL import Image
+from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+from torch_fidelity.registry import DATASETS_REGISTRY
+from torch_fidelity.utils import (create_feature_extractor, extract_featuresdict_from_input_id,
+                                  resolve_feature_layer_for_metric)
+
+from diffguide import atomic
+from diffguide.errors import UserError
+from diffguide.metrics.reference import FeatureCache, ReferenceFile
+from diffguide.samples import sample_path
+
+_RENAME = {"frechet_inception_distance": "fid", "inception_score_mean": "isc", "inception_score_std": "isc_std",
+           "kernel_inception_distance_mean": "kid", "kernel_inception_distance_std": "kid_std",
+           "precision": "precision", "recall": "recall", "f_score": "f_score"}
+
+# The fewest images each metric is defined on: a covariance (FID) and the unbiased MMD (KID) need 2, precision/recall
+# the 3rd nearest neighbour of each point among the others, so 4; IS one per split.
+_LEAST = {"fid": 2, "kid": 2, "prc": 4, "isc": 1}
+_WHY = {"fid": "FID needs a covariance", "kid": "KID's unbiased MMD needs 2 per subset",
+        "prc": "precision/recall use each sample's 3rd nearest neighbour among the others", "isc": "nothing to score"}
+
+
+def default_cache_root() -> str:
+    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffguide" / "fidelity")
+
+
+class Metric:
+    """Scores a folder of samples. `check(num_samples)` runs before sampling: every setting a metric needs is checked
+    there, so a bad one fails in one line before the long work instead of after it."""
+
+    def check(self, num_samples: int) -> None:
+        pass
+
+    def __call__(self, samples_dir: Path, labels: list[int], device: torch.device) -> dict[str, float]:
+        return {}
+
+
+class NoMetrics(Metric):
+    pass
+
+
+class FidelityMetric(Metric):
+    def __init__(self, fid=True, isc=True, kid=True, prc=True, batch_size=500, kid_subset_size=1000, isc_splits=10,
+                 cache_root=None, save_cpu_ram=None, suffix=""):
+        self.flags = {"fid": fid, "isc": isc, "kid": kid, "prc": prc}
+        self.batch_size, self.kid_subset_size, self.isc_splits = batch_size, kid_subset_size, isc_splits
+        self.cache_root = cache_root or default_cache_root()
+        self.suffix = suffix
+        # torch-fidelity's switch for DataLoader workers (and chunked precision/recall, same result): on a few cores
+        # the worker processes cost more than they save.
+        self.save_cpu_ram = (os.cpu_count() or 1) <= 4 if save_cpu_ram is None else save_cpu_ram
+
+    def fidelity_kwargs(self) -> dict:
+        """The feature extractor, its weights and the reference input (input2)."""
+        raise NotImplementedError
+
+    #: the reference set: a subclass's own names, or a reference batch file (.npz, see ReferenceFile)
+    reference: str = ""
+
+    @property
+    def reference_file(self) -> Path | None:
+        return Path(self.reference) if str(self.reference).endswith(".npz") else None
+
+    def check(self, num_samples):
+        for name, value in self.flags.items():
+            if not isinstance(value, bool):
+                raise UserError(f"metric.{name}={value!r}: use true or false")
+        for name, least in (("batch_size", 1), ("isc_splits", 1), ("kid_subset_size", 2)):
+            value = getattr(self, name)
+            # kid_subset_size and isc_splits above the sample count are fine: they are clipped to it
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise UserError(f"metric.{name}={value!r}: use an integer >= {least}"
+                                + (" (a KID subset of 1 has no unbiased MMD)" if name == "kid_subset_size" else ""))
+        if not isinstance(self.save_cpu_ram, bool):
+            raise UserError(f"metric.save_cpu_ram={self.save_cpu_ram!r}: use true, false or null")
+        if Path(self.cache_root).exists() and not Path(self.cache_root).is_dir():
+            raise UserError(f"metric.cache_root={self.cache_root}: not a folder")
+        self._check_sample_count(num_samples)
+        if self.reference_file is not None:
+            self._check_reference_file()
+
+    def _check_sample_count(self, n: int) -> None:
+        for name, on in self.flags.items():
+            if on and n < _LEAST[name]:
+                more = f"{_LEAST[name] - 1} sample" + ("s" if _LEAST[name] != 2 else "")
+                raise UserError(f"metric.{name} needs more than {more} ({_WHY[name]}; "
+                                f"num_samples={n}): set num_samples>={_LEAST[name]} or metric.{name}=false")
+
+    def _least_reference_images(self, has_stats: bool) -> int:
+        """The fewest reference images the metrics turned on need (FID needs none where the reference has mu/sigma)."""
+        uses = [m for m in ("kid", "prc") if self.flags[m]] + (["fid"] if self.flags["fid"] and not has_stats else [])
+        return max((_LEAST[m] for m in uses), default=0)
+
+    def _check_reference_file(self) -> None:
+        path = self.reference_file
+        arrays = ReferenceFile.check(path)
+        if "arr_0" in arrays:
+            count, least = arrays["arr_0"][0][0], self._least_reference_images({"mu", "sigma"} <= set(arrays))
+            if count < least:
+                raise UserError(f"metric.reference={path}: the metrics turned on need at least {least} reference "
+                                f"images; arr_0 holds {count}")
+
+    def __call__(self, samples_dir, labels, device):
+        n = len(labels)
+        self._check_sample_count(n)
+        # A cache write killed between its write and its rename leaves a temp file; its lock is gone with its writer.
+        atomic.clean_stale_temps(Path(self.cache_root))
+        reference = ReferenceFile(self.reference_file) if self.reference_file is not None else None
+        flags = dict(self.flags)
+        if reference is not None and not reference.has_images:
+            flags["kid"] = flags["prc"] = False
+        kwargs = dict(input1=SampleFiles(samples_dir, n), cuda=device.type == "cuda", batch_size=self.batch_size,
+                      isc_splits=min(self.isc_splits, n), save_cpu_ram=self.save_cpu_ram, verbose=False,
+                      cache=False, **self.fidelity_kwargs())
+        layers = {m: resolve_feature_layer_for_metric(m, **kwargs) for m, on in flags.items() if on}
+        if not layers:
+            return {}
+        stats = reference.stats if reference is not None else None  # FID against the file's own mu and sigma
+        # torch-fidelity's calculate_metrics, step by step: the same extractor, features and metric functions, with
+        # the reference features from diffguide's cache instead of torch-fidelity's pickles.
+        with redirect_stdout(sys.stderr):  # torch-fidelity prints on stdout; keep stdout for our own report
+            extractor = create_feature_extractor(kwargs["feature_extractor"], sorted(set(layers.values())), **kwargs)
+            ours = extract_featuresdict_from_input_id(1, extractor, **kwargs)
+            reference_layers = sorted({layers[m] for m in ("fid", "kid", "prc")
+                                       if m in layers and not (m == "fid" and stats is not None)})
+            theirs = self._reference_features(extractor, reference_layers, kwargs, reference) \
+                if reference_layers else {}
+            raw = {}
+            if "isc" in layers:
+                raw.update(isc_featuresdict_to_metric(ours, layers["isc"], **kwargs))
+            if "fid" in layers:
+                ours_stats = fid_featuresdict_to_statistics(ours, layers["fid"])
+                if stats is not None:
+                    raw["frechet_inception_distance"] = fid_against_statistics(stats, ours_stats,
+                                                                               kwargs["feature_extractor"])
+                else:
+                    raw.update(fid_statistics_to_metric(
+                        ours_stats, fid_featuresdict_to_statistics(theirs, layers["fid"]), False))
+            if "kid" in layers:
+                subset = min(self.kid_subset_size, n, len(theirs[layers["kid"]]))
+                raw.update(kid_featuresdict_to_metric(ours, theirs, layers["kid"], **kwargs, kid_subset_size=subset))
+            if "prc" in layers:
+                raw.update(prc_featuresdict_to_metric(ours, theirs, layers["prc"], **kwargs))
+        scores = {f"{_RENAME[k]}{self.suffix}": float(v) for k, v in raw.items() if k in _RENAME}
+        for name, value in scores.items():
+            if not math.isfinite(value):
+                raise UserError(f"{name} came out {value} on {n} samples; no scores were written "
+                                f"(look at the samples and the metric settings)")
+        return scores
+
+    def _reference_identity(self, reference: "ReferenceFile | None", kwargs: dict) -> str | None:
+        """What names the reference set in the cache key: a registered dataset's name or the .npz file's sha256.
+        None (not cached) for a folder of images, whose content has no cheap identity."""
+        if reference is not None:
+            return f"npz-sha256-{_file_sha256(reference.path)}"
+        name = kwargs.get("input2")
+        return name if isinstance(name, str) and name in DATASETS_REGISTRY else None
+
+    def _reference_features(self, extractor, layers, kwargs, reference) -> dict[str, torch.Tensor]:
+        """input2's features at `layers`, from the cache where the reference set has an identity."""
+
+        def compute():
+            inputs = {**kwargs, "input2": reference.images()} if reference is not None else kwargs
+            features = extract_featuresdict_from_input_id(2, extractor, **inputs)
+            return {layer: features[layer] for layer in layers}
+
+        identity = self._reference_identity(reference, kwargs)
+        if identity is None:
+            return compute()
+        weights = kwargs.get("feature_extractor_weights_path")
+        # Everything the features depend on: the same settings can only meet features they would compute again.
+        key = json.dumps({"format": 1, "torch_fidelity": torch_fidelity.__version__, "reference": identity,
+                          "feature_extractor": extractor.get_name(), "layers": layers,
+                          "weights": _file_sha256(weights) if weights else "torch-fidelity's download"},
+                         sort_keys=True)
+        label = reference.path.stem if reference is not None else identity
+        cache = FeatureCache(Path(self.cache_root) / _safe_name(
+            f"{label}-{extractor.get_name()}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"))
+        features = cache.read(key, layers)
+        if features is None:
+            features = compute()
+            cache.write(key, features)
+        return features
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def _file_sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def fid_against_statistics(stats: dict, ours: dict, feature_extractor: str) -> float:
+    """FID of our statistics (mu, sigma from torch-fidelity) against a reference's precomputed ones, with
+    torch-fidelity's formula."""
+    theirs = {"mu": stats["mu"].astype(ours["mu"].dtype), "sigma": stats["sigma"].astype(ours["sigma"].dtype)}
+    if theirs["mu"].shape != ours["mu"].shape:
+        raise UserError(f"the reference statistics have {theirs['mu'].shape[0]} features, the feature extractor "
+                        f"{feature_extractor} gives {ours['mu'].shape[0]}")
+    return fid_statistics_to_metric(ours, theirs, False)["frechet_inception_distance"]
+
+
+class SampleFiles(torch.utils.data.Dataset):
+    """samples/000000.png ... samples/{n-1}.png as uint8 RGB tensors: exactly the requested samples, even where the
+    folder holds more from an earlier, larger run."""
+
+    def __init__(self, samples_dir, count: int):
+        self.dir, self.count = Path(samples_dir), count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, i):
+        pixels = np.array(Image.open(sample_path(self.dir, i)).convert("RGB"))
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
