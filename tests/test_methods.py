@@ -8,7 +8,7 @@ from diffguide.classifiers import noisy as noisy_lib
 from diffguide.config import CONF_DIR
 from diffguide.run import run
 from diffguide.samplers.ddim import DDIM
-from tests.conftest import compose_run_config
+from tests.helpers import compose_run_config
 
 STEPS = 5
 GUIDANCES = sorted(path.stem for path in (CONF_DIR / "guidance").glob("*.yaml"))

@@ -5,7 +5,8 @@ from torch import nn
 
 
 class Classifier(nn.Module):
-    """A noise-aware classifier: log-probabilities (batch, num_classes) of the class given x_t at timestep t."""
+    """A noise-aware classifier: log-probabilities (batch, num_classes) of the class given x_t at noise level t (a
+    Level of the model it guides, or a timestep of its own schedule)."""
 
     num_classes: int
 

@@ -15,8 +15,7 @@ class ExactMixtureClassifier(Classifier):
         self.num_classes = model.num_classes
 
     def log_prob(self, x, t):
-        t_batch = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
-        return self.model.class_log_posterior(x, t_batch).to(x.dtype)
+        return self.model.class_log_posterior(x, t).to(x.dtype)
 
 
 class ExactMixtureCleanClassifier(CleanClassifier):

@@ -5,12 +5,14 @@ No library ships an encoder-only diffusion classifier, so the few lines that sta
 from pathlib import Path
 
 import torch
+from diffusers import DDPMScheduler
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D
 from torch import nn
 
 from diffguide import checkpoint
 from diffguide.classifiers.base import Classifier
+from diffguide.models.schedules import DiscreteVP, Level
 
 KIND = "noisy-classifier"
 
@@ -42,8 +44,18 @@ class NoisyClassifier(Classifier):
             h = block(h, emb) if isinstance(block, ResnetBlock2D) else block(h)
         return self.head(h)
 
+    #: the discrete VP schedule the classifier was trained on (set by `load`; None: the level's own timestep)
+    schedule = None
+
     def log_prob(self, x, t):
-        t_batch = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+        """At a Level of a discrete model, its timestep (the classifier is trained on that model's schedule); at any
+        other level (a flow or EDM model), the VP state of the same sigma, x / sqrt(alpha^2 + noise^2), at the
+        (fractional) timestep of that sigma on the classifier's own schedule."""
+        if isinstance(t, Level) and not (isinstance(t.t, int) or self.schedule is None):
+            x, t = x / t.norm, self.schedule.time_of(t.sigma)
+        time = t.t if isinstance(t, Level) else t
+        t_batch = torch.full((x.shape[0],), time, device=x.device,
+                             dtype=torch.long if float(time) == int(time) else torch.float32)
         return torch.log_softmax(self.logits(x, t_batch).float(), dim=1)
 
 
@@ -56,4 +68,7 @@ def load(weights: str) -> NoisyClassifier:
     tensors, config = checkpoint.load(weights, KIND)
     model = NoisyClassifier(config["in_channels"], config["channels"], config["num_classes"], config["groups"])
     model.load_state_dict(tensors)
+    if "scheduler" in config:
+        scheduler = DDPMScheduler.from_config(config["scheduler"])
+        model.schedule = DiscreteVP(scheduler.alphas_cumprod, scheduler.config)
     return model.eval().requires_grad_(False)

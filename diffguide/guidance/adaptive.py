@@ -10,7 +10,8 @@ the two estimates have converged); the paper's text was not reachable from here,
 earlier version of this module took one more CFG step before switching. The switch is made per sample, so that an
 image does not depend on the batch it ran in; `nfe` is then a per-sample count.
 
-space = eps compares the noise predictions, as the paper does. On an eps-prediction pixel model such as
+space = eps compares the network's own predictions (eps on an eps model, as the paper does; the velocity on a flow
+model). On an eps-prediction pixel model such as
 fmnist_unet they agree to a cosine above 0.998 at every step (10th percentile over 64 samples: the noise dominates
 both), so no gamma separates early from late steps; space = x0 compares the denoised estimates x0_c and x0_u instead,
 whose cosine rises from about 0.9 at the start to 1 at the end (its median passes 0.995 at step 14 of 25 DDIM steps).
@@ -21,7 +22,7 @@ import torch
 
 from diffguide.errors import UserError
 from diffguide.guidance.base import Guidance, GuidedPrediction
-from diffguide.guidance.cfg import combine
+from diffguide.guidance.common import combine
 
 
 class AdaptiveGuidance(Guidance):
@@ -37,25 +38,29 @@ class AdaptiveGuidance(Guidance):
         self.gamma, self.space = float(gamma), space
         self._switched_off = None
 
-    def start(self, denoiser, labels):
+    def check(self, denoiser):
         self.require_null_class(self.name, denoiser)
+
+    def reset(self, denoiser, labels):
         self._switched_off = torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
 
     def __call__(self, denoiser, x, t, labels):
         guided = ~self._switched_off
-        eps = torch.empty_like(x)
+        x0, eps = torch.empty_like(x), torch.empty_like(x)
         if guided.any():
             xs, ys = x[guided], labels[guided]
-            eps_uncond, eps_cond = denoiser.eps_many(xs, t, [denoiser.null_labels(ys), ys])
-            cond, uncond = eps_cond, eps_uncond
+            uncond, cond = denoiser.pair(xs, t, ys)
             if self.space == "x0":
-                cond, uncond = denoiser.x0_from_eps(xs, t, cond), denoiser.x0_from_eps(xs, t, uncond)
-            agree = torch.nn.functional.cosine_similarity(cond.flatten(1), uncond.flatten(1), dim=1)
+                c, u = cond.x0, uncond.x0
+            else:
+                c, u = denoiser.output(cond, xs, t), denoiser.output(uncond, xs, t)
+            agree = torch.nn.functional.cosine_similarity(c.flatten(1), u.flatten(1), dim=1)
             converged = (agree > self.gamma).view(-1, *[1] * (x.ndim - 1))
-            # converged samples take the conditional step now; the others CFG's
-            eps[guided] = torch.where(converged, eps_cond, combine(eps_uncond, eps_cond, self.scale))
+            pred = cond.where(converged, combine(uncond, cond, self.scale))
+            x0[guided], eps[guided] = pred.x0, pred.eps
             self._switched_off[guided.nonzero().squeeze(1)[agree > self.gamma]] = True
         if not guided.all():
-            eps[~guided] = denoiser(x[~guided], t, labels[~guided])
+            pred = denoiser.predict(x[~guided], t, labels[~guided])
+            x0[~guided], eps[~guided] = pred.x0, pred.eps
         nfe = torch.where(guided, 2.0, 1.0).cpu()
-        return GuidedPrediction(denoiser.x0_from_eps(x, t, eps), eps, nfe=nfe)
+        return GuidedPrediction(x0, eps, nfe=nfe)

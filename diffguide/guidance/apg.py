@@ -34,8 +34,10 @@ class APG(Guidance):
         self.eta, self.norm_threshold, self.momentum = float(eta), float(norm_threshold), float(momentum)
         self._running = None
 
-    def start(self, denoiser, labels):
+    def check(self, denoiser):
         self.require_null_class(self.name, denoiser)
+
+    def reset(self, denoiser, labels):
         self._running = None
 
     def update_direction(self, x0_cond: torch.Tensor, x0_uncond: torch.Tensor) -> torch.Tensor:
@@ -53,7 +55,6 @@ class APG(Guidance):
         return ((diff64 - parallel) + self.eta * parallel).to(diff.dtype)
 
     def __call__(self, denoiser, x, t, labels):
-        eps_uncond, eps_cond = denoiser.eps_many(x, t, [denoiser.null_labels(labels), labels])
-        x0_cond, x0_uncond = denoiser.x0_from_eps(x, t, eps_cond), denoiser.x0_from_eps(x, t, eps_uncond)
-        x0 = x0_cond + (self.scale - 1) * self.update_direction(x0_cond, x0_uncond)
+        uncond, cond = denoiser.pair(x, t, labels)
+        x0 = cond.x0 + (self.scale - 1) * self.update_direction(cond.x0, uncond.x0)
         return GuidedPrediction(x0, denoiser.eps_from_x0(x, t, x0), nfe=2)

@@ -8,6 +8,8 @@ import torch
 
 from diffguide.errors import UserError
 from diffguide.models.denoiser import Denoiser
+from diffguide.models.parameterisation import Prediction
+from diffguide.models.schedules import Level
 
 
 @dataclass
@@ -39,7 +41,7 @@ class GuidedPrediction:
 
     x0: torch.Tensor
     eps: torch.Tensor
-    nfe: float | torch.Tensor
+    nfe: float | torch.Tensor = 0.0
     consistent: bool = True
     x0_offset: torch.Tensor | None = None
     score: torch.Tensor | None = None
@@ -48,12 +50,19 @@ class GuidedPrediction:
     clip: bool = True
     log_variance: torch.Tensor | None = None
 
+    @classmethod
+    def of(cls, pred: Prediction, nfe: float | torch.Tensor, **kwargs) -> "GuidedPrediction":
+        return cls(pred.x0, pred.eps, nfe, **kwargs)
+
 
 class Guidance:
-    """One method: the guided prediction at (x_t, t) for class labels `labels`.
+    """One method: the guided prediction at (x_t, level t) for class labels `labels`.
 
-    Stateful methods (momentum, a switch that stays off) reset their state in `start`, which the sampler calls once
-    per trajectory batch.
+    `t` is a noise level (diffguide/models/schedules.py's Level; a model's own time is accepted where a caller has
+    one): methods ask the denoiser for predictions there (`denoiser.predict`, `denoiser.pair`) and combine them as
+    Predictions (x0 and eps together), so that one method works under every parameterisation and schedule.
+    `check` runs once before any work (refusals: one line, before long work starts); `begin` once per trajectory
+    batch (the levels the sampler will visit, its noise source, and the reset of per-trajectory state in `reset`).
     """
 
     name = "guidance"
@@ -65,26 +74,35 @@ class Guidance:
     #: Self-recurrence (Universal Guidance, TFG): the sampler takes each step this many times, re-noising the result
     #: back to the step's noise level in between (x_t = sqrt(a_t / a_next) x_next + sqrt(1 - a_t / a_next) z).
     recurrence: int = 1
-    #: Set by `begin`: the trajectory's descending timesteps and the sampler's per-sample noise source.
-    timesteps: list[int] | None = None
+    #: the samplers this method has a form for (None: every sampler)
+    samplers: tuple[str, ...] | None = None
+    #: Set by `begin`: the trajectory's descending noise levels and the sampler's per-sample noise source.
+    levels: list[Level] | None = None
     noise: Callable[[], torch.Tensor] | None = None
 
-    def start(self, denoiser: Denoiser, labels: torch.Tensor) -> None:
-        pass
+    def check(self, denoiser: Denoiser) -> None:
+        """Refuse, in one line (UserError), a model this method cannot guide. Called once, before sampling."""
 
-    def begin(self, denoiser: Denoiser, labels: torch.Tensor, timesteps: list[int],
+    def reset(self, denoiser: Denoiser, labels: torch.Tensor) -> None:
+        """Forget per-trajectory state (momentum, a switch that stays off)."""
+
+    def begin(self, denoiser: Denoiser, labels: torch.Tensor, levels: list,
               noise: Callable[[], torch.Tensor] | None = None) -> None:
-        """Called by the sampler before a trajectory batch: the descending timesteps it will visit (methods whose
-        step sizes are normalised over the trajectory need them) and its per-sample noise source (for methods that
-        draw noise: it keeps every sample independent of the batch it ran in)."""
-        self.timesteps, self.noise = list(timesteps), noise
-        self.start(denoiser, labels)
+        """Called by the sampler before a trajectory batch: the descending levels it will visit (Levels, or the
+        model's own times; methods whose step sizes are normalised over the trajectory need them) and its per-sample
+        noise source (for methods that draw noise: it keeps every sample independent of the batch it ran in)."""
+        self.levels, self.noise = [denoiser.level(t) for t in levels], noise
+        self.reset(denoiser, labels)
 
-    def __call__(self, denoiser: Denoiser, x: torch.Tensor, t: int, labels: torch.Tensor) -> GuidedPrediction:
+    def step_index(self, denoiser: Denoiser, t) -> int:
+        """The index of level t in the trajectory given to `begin`."""
+        return self.levels.index(denoiser.level(t))
+
+    def __call__(self, denoiser: Denoiser, x: torch.Tensor, t, labels: torch.Tensor) -> GuidedPrediction:
         raise NotImplementedError
 
     @staticmethod
-    def from_eps(denoiser: Denoiser, x: torch.Tensor, t: int, eps: torch.Tensor, nfe: float) -> GuidedPrediction:
+    def from_eps(denoiser: Denoiser, x: torch.Tensor, t, eps: torch.Tensor, nfe: float) -> GuidedPrediction:
         return GuidedPrediction(denoiser.x0_from_eps(x, t, eps), eps, nfe)
 
     @staticmethod

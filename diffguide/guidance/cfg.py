@@ -1,6 +1,6 @@
 """Classifier-free guidance (Ho & Salimans 2022).
 
-eps = eps_u + w (eps_c - eps_u): w = 1 is the conditional model, w = 0 the unconditional one (the convention of
+D = D_u + w (D_c - D_u) on the prediction (x0 and eps alike; on the network's own output, whatever it predicts): w = 1 is the conditional model, w = 0 the unconditional one (the convention of
 diffusers' ClassifierFreeGuidance and of DiT; Ho & Salimans' own w is this w minus one).
 
 channels = k guides the first k channels of eps only and takes the rest from the conditional prediction: DiT's
@@ -10,14 +10,9 @@ it to all channels."; `eps, rest = model_out[:, :3], model_out[:, 3:]`), i.e. ch
 channels = None (the default) guides every channel.
 """
 
-import torch
-
 from diffguide.errors import UserError
-from diffguide.guidance.base import Guidance
-
-
-def combine(eps_uncond, eps_cond, scale: float):
-    return eps_uncond + scale * (eps_cond - eps_uncond)
+from diffguide.guidance.base import Guidance, GuidedPrediction
+from diffguide.guidance.common import combine
 
 
 class CFG(Guidance):
@@ -30,7 +25,7 @@ class CFG(Guidance):
                             f"(got {channels!r})")
         self.channels = channels
 
-    def start(self, denoiser, labels):
+    def check(self, denoiser):
         self.require_null_class(self.name, denoiser)
         if self.channels is not None and self.channels > denoiser.sample_shape[0]:
             raise UserError(f"guidance.channels={self.channels} exceeds the model's {denoiser.sample_shape[0]} "
@@ -41,11 +36,11 @@ class CFG(Guidance):
         # At w = 1 and w = 0 the formula needs one of the two predictions only: spend one evaluation, not two
         # (at w = 0 only when every channel is guided: the others are the conditional prediction's).
         if self.scale == 1.0:
-            return self.from_eps(denoiser, x, t, denoiser(x, t, labels), nfe=1)
+            return GuidedPrediction.of(denoiser.predict(x, t, labels), nfe=1)
         if self.scale == 0.0 and not partial:
-            return self.from_eps(denoiser, x, t, denoiser(x, t, denoiser.null_labels(labels)), nfe=1)
-        eps_uncond, eps_cond = denoiser.eps_many(x, t, [denoiser.null_labels(labels), labels])
-        eps = combine(eps_uncond, eps_cond, self.scale)
+            return GuidedPrediction.of(denoiser.predict(x, t, denoiser.null_labels(labels)), nfe=1)
+        uncond, cond = denoiser.pair(x, t, labels)
+        pred = combine(uncond, cond, self.scale)
         if partial:
-            eps = torch.cat([eps[:, :self.channels], eps_cond[:, self.channels:]], dim=1)
-        return self.from_eps(denoiser, x, t, eps, nfe=2)
+            pred = pred.cat_channels(cond, self.channels)
+        return GuidedPrediction.of(pred, nfe=2)

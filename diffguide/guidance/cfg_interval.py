@@ -2,7 +2,7 @@
 Improves Sample and Distribution Quality in Diffusion Models").
 
 CFG with weight w where sigma_lo < sigma_t <= sigma_hi, the conditional model alone (one evaluation) elsewhere;
-sigma_t = sqrt((1 - a_t) / a_t), the EDM noise level of the VP timestep. The interval is a range of noise levels,
+sigma_t the EDM noise level of the step's Level (sqrt((1 - a_t) / a_t) for a VP timestep, tau / (1 - tau) for a flow). The interval is a range of noise levels,
 not of step indices, so it means the same thing at any step count. Presets (`interval`), the paper's FID-optimal
 ImageNet-512 settings (Kynkaanniemi et al. 2024, Table 1):
     edm2_xxl: (0.19, 1.61] at w = 2.0 (EDM2-XXL, FID 1.81 -> 1.40), the default
@@ -11,9 +11,8 @@ ImageNet-512 settings (Kynkaanniemi et al. 2024, Table 1):
 """
 
 from diffguide.errors import UserError
-from diffguide.guidance.base import Guidance
-from diffguide.guidance.cfg import CFG
-from diffguide.guidance.none import NoGuidance
+from diffguide.guidance.base import Guidance, GuidedPrediction
+from diffguide.guidance.common import combine
 
 
 #: (sigma_lo, sigma_hi] of the paper's Table 1, by model
@@ -34,14 +33,15 @@ class CFGInterval(Guidance):
         if not 0.0 <= sigma_lo < sigma_hi:
             raise UserError(f"guidance=cfg_interval needs 0 <= sigma_lo < sigma_hi (got {sigma_lo}, {sigma_hi})")
         self.sigma_lo, self.sigma_hi = float(sigma_lo), float(sigma_hi)
-        self._guided, self._conditional = CFG(self.scale), NoGuidance()
 
-    def start(self, denoiser, labels):
+    def check(self, denoiser):
         self.require_null_class(self.name, denoiser)
 
     def inside(self, denoiser, t: int) -> bool:
         return self.sigma_lo < denoiser.sigma(t) <= self.sigma_hi
 
     def __call__(self, denoiser, x, t, labels):
-        method = self._guided if self.inside(denoiser, t) else self._conditional
-        return method(denoiser, x, t, labels)
+        if not self.inside(denoiser, t):
+            return GuidedPrediction.of(denoiser.predict(x, t, labels), nfe=1)
+        uncond, cond = denoiser.pair(x, t, labels)
+        return GuidedPrediction.of(combine(uncond, cond, self.scale), nfe=2)

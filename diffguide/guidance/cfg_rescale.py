@@ -1,15 +1,16 @@
 """CFG with guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed").
 
-eps_cfg = eps_u + w (eps_c - eps_u); eps_r = eps_cfg std(eps_c) / std(eps_cfg), the std per sample over all
-non-batch dimensions; eps = phi eps_r + (1 - phi) eps_cfg. Applied to the noise prediction, as diffusers'
-`guidance_rescale` does; the paper uses phi = 0.7.
+o_cfg = o_u + w (o_c - o_u); o_r = o_cfg std(o_c) / std(o_cfg), the std per sample over all non-batch
+dimensions; o = phi o_r + (1 - phi) o_cfg, on the network's own output o, as diffusers' `guidance_rescale` does on
+its noise_pred (eps for eps models; the paper's v for v-prediction; the velocity for flow models). The paper uses
+phi = 0.7.
 """
 
 import math
 
 from diffguide.errors import UserError
-from diffguide.guidance.base import Guidance
-from diffguide.guidance.cfg import combine
+from diffguide.guidance.base import Guidance, GuidedPrediction
+from diffguide.guidance.common import combine
 
 
 def rescale(guided, conditional, phi: float):
@@ -27,10 +28,10 @@ class CFGRescale(Guidance):
             raise UserError(f"guidance=cfg_rescale: phi must lie in [0, 1] (got {phi})")
         self.phi = float(phi)
 
-    def start(self, denoiser, labels):
+    def check(self, denoiser):
         self.require_null_class(self.name, denoiser)
 
     def __call__(self, denoiser, x, t, labels):
-        eps_uncond, eps_cond = denoiser.eps_many(x, t, [denoiser.null_labels(labels), labels])
-        eps = rescale(combine(eps_uncond, eps_cond, self.scale), eps_cond, self.phi)
-        return self.from_eps(denoiser, x, t, eps, nfe=2)
+        uncond, cond = denoiser.pair(x, t, labels)
+        out = rescale(denoiser.output(combine(uncond, cond, self.scale), x, t), denoiser.output(cond, x, t), self.phi)
+        return GuidedPrediction.of(denoiser.from_output(out, x, t), nfe=2)

@@ -1,11 +1,13 @@
 """CFG-Zero* (Fan et al. 2025, "CFG-Zero*: Improved Classifier-Free Guidance for Flow Matching Models").
 
-Optimised scale: s* = <eps_c, eps_u> / ||eps_u||^2 per sample; eps = s* eps_u + w (eps_c - s* eps_u).
+Optimised scale: s* = <o_c, o_u> / ||o_u||^2 per sample; o = s* o_u + w (o_c - s* o_u), on the network's own
+output o (the paper's flow velocity on a flow model; eps on an eps model, as diffusers' ClassifierFreeZeroStarGuidance
+acts on whatever its noise_pred is).
 Zero-init: the first `zero_init_steps` steps spend no network evaluation and predict a zero flow-matching velocity,
-as the paper's official code does on its flow models (`noise_pred = noise_pred * 0` for the first steps). A VP
-state x_t = sqrt(a) x0 + sqrt(1 - a) eps is the flow state x_f = (1 - s) x0 + s eps scaled by sqrt(a) + sqrt(1 - a)
-(s = sqrt(1 - a) / (sqrt(a) + sqrt(1 - a))), and the velocity is v = eps - x0; v = 0 with the state fixed gives
-    x0 = eps = x_t / (sqrt(a_t) + sqrt(1 - a_t)),
+as the paper's official code does on its flow models (`noise_pred = noise_pred * 0` for the first steps). A state
+x = alpha x0 + noise eps at any level is the flow state x_f = (1 - s) x0 + s eps scaled by alpha + noise
+(s = noise / (alpha + noise)), and the velocity is v = eps - x0; v = 0 with the state fixed gives
+    x0 = eps = x / (alpha + noise)           (VP: x_t / (sqrt(a_t) + sqrt(1 - a_t)); a flow model: x itself),
 so the step keeps x_t / (sqrt(a) + sqrt(1 - a)) where it is, exactly a flow-matching Euler step with v = 0. The
 sampler takes it unclipped (clipping x0 would make the velocity nonzero again). eps = 0, the earlier reading, is the
 zero velocity in EDM coordinates instead, which inflates a latent model's x (an audit measured std 1.000 -> 1.486
@@ -36,22 +38,25 @@ class CFGZeroStar(Guidance):
         self.zero_init_steps = int(zero_init_steps)
         self._calls = 0
 
-    def start(self, denoiser, labels):
+    def check(self, denoiser):
         self.require_null_class(self.name, denoiser)
+
+    def reset(self, denoiser, labels):
         self._calls = 0
 
     @staticmethod
     def zero_velocity(denoiser, x: torch.Tensor, t: int) -> GuidedPrediction:
         """The x0 and eps whose flow-matching velocity eps - x0 is zero at x_t (see the module docstring)."""
-        a = denoiser.alpha(t)
-        x0 = x / (a ** 0.5 + (1 - a) ** 0.5)
+        level = denoiser.level(t)
+        x0 = x / (level.alpha + level.noise)
         return GuidedPrediction(x0, x0.clone(), nfe=0, clip=False)
 
     def __call__(self, denoiser, x, t, labels):
         self._calls += 1
         if self._calls <= self.zero_init_steps:
             return self.zero_velocity(denoiser, x, t)
-        eps_uncond, eps_cond = denoiser.eps_many(x, t, [denoiser.null_labels(labels), labels])
-        scaled_uncond = optimised_scale(eps_cond, eps_uncond) * eps_uncond
-        eps = scaled_uncond + self.scale * (eps_cond - scaled_uncond)
-        return self.from_eps(denoiser, x, t, eps, nfe=2)
+        uncond, cond = denoiser.pair(x, t, labels)
+        out_u, out_c = denoiser.output(uncond, x, t), denoiser.output(cond, x, t)
+        scaled_uncond = optimised_scale(out_c, out_u) * out_u
+        out = scaled_uncond + self.scale * (out_c - scaled_uncond)
+        return GuidedPrediction.of(denoiser.from_output(out, x, t), nfe=2)

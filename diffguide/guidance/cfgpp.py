@@ -11,7 +11,7 @@ scripts/cfgpp_effective_scale.py prints it, and the lam whose median w_t matches
 import warnings
 
 from diffguide.guidance.base import Guidance, GuidedPrediction
-from diffguide.guidance.cfg import combine
+from diffguide.guidance.common import combine
 
 
 class CFGPlusPlus(Guidance):
@@ -23,10 +23,13 @@ class CFGPlusPlus(Guidance):
             warnings.warn(f"cfgpp scale (lambda) {self.scale} is outside the paper's range [0, 1]; "
                           f"it extrapolates beyond the conditional manifold step", stacklevel=2)
 
-    def start(self, denoiser, labels):
+    #: the samplers CFG++ has a form for (its official code and ComfyUI: DDIM, Euler, Euler-a, DPM++ 2M; DDPM is
+    #: DDIM at eta = 1 with the same re-noising); Heun and the SDE solver have none
+    samplers = ("ddim", "ddpm", "dpmpp_2m", "euler", "euler_a")
+
+    def check(self, denoiser):
         self.require_null_class(self.name, denoiser)
 
     def __call__(self, denoiser, x, t, labels):
-        eps_uncond, eps_cond = denoiser.eps_many(x, t, [denoiser.null_labels(labels), labels])
-        x0_guided = denoiser.x0_from_eps(x, t, combine(eps_uncond, eps_cond, self.scale))
-        return GuidedPrediction(x0=x0_guided, eps=eps_uncond, nfe=2, consistent=False)
+        uncond, cond = denoiser.pair(x, t, labels)
+        return GuidedPrediction(x0=combine(uncond, cond, self.scale).x0, eps=uncond.eps, nfe=2, consistent=False)

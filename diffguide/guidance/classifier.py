@@ -10,7 +10,7 @@ of the data at s = 1 the DDIM form is the exact conditional model (Bayes' rule o
 
 from diffguide.classifiers.base import Classifier
 from diffguide.errors import UserError
-from diffguide.guidance.base import Guidance
+from diffguide.guidance.base import Guidance, GuidedPrediction
 
 
 class ClassifierGuidance(Guidance):
@@ -23,14 +23,13 @@ class ClassifierGuidance(Guidance):
         self.classifier, self.scale = classifier, self.check_scale(self.name, scale)
         self.conditional_model = conditional_model
 
-    def start(self, denoiser, labels):
+    def check(self, denoiser):
         self.check_classes(self.classifier, denoiser)
         self.classifier.to(denoiser.device)
 
     def __call__(self, denoiser, x, t, labels):
         condition = denoiser.condition(labels, self.conditional_model)
-        eps = denoiser(x, t, condition)
-        pred = self.from_eps(denoiser, x, t, eps, nfe=1)
+        pred = GuidedPrediction.of(denoiser.predict(x, t, condition), nfe=1)
         if self.scale != 0.0:
             pred.score = self.scale * self.classifier.grad_log_prob(x, t, labels)
         return pred

@@ -26,10 +26,10 @@ import torch
 
 from diffguide.classifiers.clean import CleanClassifier
 from diffguide.errors import UserError
-from diffguide.guidance.autoguidance import prepare_weak_model
-from diffguide.guidance.base import Guidance
-from diffguide.guidance.cfg import combine
+from diffguide.guidance.base import Guidance, GuidedPrediction
+from diffguide.guidance.common import combine, prepare_weak_model
 from diffguide.models.denoiser import Denoiser
+from diffguide.models.parameterisation import Prediction
 
 BASES = ("none", "cfg", "autoguidance")
 
@@ -38,22 +38,20 @@ class GradientFreeClassifierGuidance(Guidance):
     name = "gfcg"
 
     def __init__(self, classifier: CleanClassifier, scale: float = 1.0, base: str = "cfg", base_scale: float = 1.5,
-                 weak_model: Denoiser | str | None = None):
+                 weak_model=None):
         if not isinstance(classifier, CleanClassifier):
             raise UserError("guidance=gfcg needs a clean-image classifier: choose one with classifier=NAME")
         if base not in BASES:
             raise UserError(f"guidance=gfcg: base {base!r} is not one of {', '.join(BASES)}")
-        if base == "autoguidance" and isinstance(weak_model, str):
-            # a path to a UNet checkpoint: loaded only when the autoguidance base uses it
-            from diffguide.models import unet
-            weak_model = unet.load(weak_model)
+        if base == "autoguidance" and callable(weak_model) and not isinstance(weak_model, Denoiser):
+            weak_model = weak_model()  # a `_partial_` model node: loaded only when the autoguidance base uses it
         if base == "autoguidance" and not isinstance(weak_model, Denoiser):
             raise UserError("guidance=gfcg base=autoguidance needs a weak model: set guidance.weak_model")
         self.classifier, self.scale = classifier, self.check_scale(self.name, scale)
         self.base, self.base_scale = base, self.check_scale(self.name + " base_scale", base_scale)
         self.weak = weak_model
 
-    def start(self, denoiser, labels):
+    def check(self, denoiser):
         if not denoiser.num_classes:
             raise UserError("guidance=gfcg needs a class-conditional model")
         self.check_classes(self.classifier, denoiser)
@@ -76,18 +74,19 @@ class GradientFreeClassifierGuidance(Guidance):
 
     def __call__(self, denoiser, x, t, labels):
         if self.base == "cfg":
-            eps_u, eps_c = denoiser.eps_many(x, t, [denoiser.null_labels(labels), labels])
-            eps_base, nfe = combine(eps_u, eps_c, self.base_scale), 3
+            uncond, cond = denoiser.pair(x, t, labels)
+            base, nfe = combine(uncond, cond, self.base_scale), 3
         elif self.base == "autoguidance":
-            eps_c, eps_w = denoiser(x, t, labels), self.weak(x, t, labels)
-            eps_base, nfe = combine(eps_w, eps_c, self.base_scale), 3
+            cond, weak = denoiser.predict(x, t, labels), self.weak.predict(x, t, labels)
+            base, nfe = combine(weak, cond, self.base_scale), 3
         else:
-            eps_c = denoiser(x, t, labels)
-            eps_base, nfe = eps_c, 2
-        x0_c = denoiser.x0_from_eps(x, t, eps_c)
+            cond = denoiser.predict(x, t, labels)
+            base, nfe = cond, 2
+        x0_c = cond.x0
         if denoiser.data_range is not None:
             x0_c = x0_c.clamp(*denoiser.data_range)
-        ref, ratio = self.reference(x0_c, labels)
-        eps_ref = denoiser(x, t, ref)
-        s_t = (self.scale * ratio).view(-1, *[1] * (x.ndim - 1)).to(eps_c.dtype)
-        return self.from_eps(denoiser, x, t, eps_base + s_t * (eps_c - eps_ref), nfe=nfe)
+        ref_class, ratio = self.reference(x0_c, labels)
+        ref = denoiser.predict(x, t, ref_class)
+        s_t = (self.scale * ratio).view(-1, *[1] * (x.ndim - 1)).to(cond.eps.dtype)
+        guided = Prediction(base.x0 + s_t * (cond.x0 - ref.x0), base.eps + s_t * (cond.eps - ref.eps))
+        return GuidedPrediction.of(guided, nfe=nfe)

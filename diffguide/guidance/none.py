@@ -1,6 +1,6 @@
 """No guidance: the conditional model (or, with conditional=false, the unconditional one) alone."""
 
-from diffguide.guidance.base import Guidance
+from diffguide.guidance.base import Guidance, GuidedPrediction
 
 
 class NoGuidance(Guidance):
@@ -11,4 +11,4 @@ class NoGuidance(Guidance):
 
     def __call__(self, denoiser, x, t, labels):
         condition = denoiser.condition(labels, self.conditional)
-        return self.from_eps(denoiser, x, t, denoiser(x, t, condition), nfe=1)
+        return GuidedPrediction.of(denoiser.predict(x, t, condition), nfe=1)

@@ -33,7 +33,7 @@ import torch
 from diffguide.classifiers.clean import CleanClassifier, clip_straight_through
 from diffguide.errors import UserError
 from diffguide.guidance.base import Guidance, GuidedPrediction
-from diffguide.samplers.base import Sampler
+from diffguide.models.schedules import CLEAN, Level, posterior_variance
 
 SCHEDULES = ("constant", "elucd_sine")
 PATHS = ("ddpm", "edm")
@@ -41,6 +41,13 @@ PATHS = ("ddpm", "edm")
 
 def _rms(v: torch.Tensor) -> torch.Tensor:
     return v.flatten(1).pow(2).mean(1).sqrt().view(-1, *[1] * (v.ndim - 1))
+
+
+def denoiser_level(steps, t):
+    """The Level of step t (a Level, or a discrete model's timestep) among the trajectory's levels."""
+    if not isinstance(t, Level):
+        return next(level for level in steps if level.t == t)
+    return t
 
 
 class OffTheShelfGuidance(Guidance):
@@ -68,15 +75,20 @@ class OffTheShelfGuidance(Guidance):
         self.through_denoiser, self.path = through_denoiser, path
         self.schedule, self.gamma, self.conditional_model = schedule, float(gamma), conditional_model
 
-    def start(self, denoiser, labels):
+    def check(self, denoiser):
         self.check_classes(self.classifier, denoiser)
         self.classifier.attach(denoiser)
+        if not self.levels and denoiser.num_train_timesteps is None:
+            raise UserError("guidance=offshelf on a continuous-time model needs the sampler's levels (begin)")
+
+    def reset(self, denoiser, labels):
+        self.check(denoiser)
         # the x0 estimate the gradient is taken at is clipped to the data range (EluCD: clip_denoised)
         self._data_range = denoiser.data_range if self.path == "ddpm" else None
         # Sigma_t of each step: the sampler's trajectory when it has announced one (begin), else the full chain.
-        self._steps = self.timesteps or list(range(denoiser.num_train_timesteps - 1, -1, -1))
-        nexts = self._steps[1:] + [-1]
-        variances = [Sampler.posterior_variance(denoiser, t, n) for t, n in zip(self._steps, nexts)]
+        self._steps = self.levels or [denoiser.level(t) for t in range(denoiser.num_train_timesteps - 1, -1, -1)]
+        nexts = self._steps[1:] + [CLEAN]
+        variances = [posterior_variance(t, n) for t, n in zip(self._steps, nexts)]
         # EluCD keeps max(Sigma) as a running maximum over the steps taken (self.max_variance in p_sample).
         self._max_variance = {t: max(variances[:k + 1]) for k, t in enumerate(self._steps)}
 
@@ -89,13 +101,13 @@ class OffTheShelfGuidance(Guidance):
         """EluCD's DDPM-path added variance gamma max(Sigma) sin(pi i / N) at timestep t of the trajectory."""
         if self.schedule == "constant":
             return 0.0
-        n = len(self._steps)
-        i = n - 1 - self._steps.index(t)
-        return max(math.sin(math.pi * i / n) * self._max_variance[t] * self.gamma, 0.0)
+        n, level = len(self._steps), denoiser_level(self._steps, t)
+        i = n - 1 - self._steps.index(level)
+        return max(math.sin(math.pi * i / n) * self._max_variance[level] * self.gamma, 0.0)
 
     def edm_strength(self, t: int) -> float:
         """c_k of EluCD's EDM path: linear decay from s plus gamma s sin(pi k / N), k counted from the first step."""
-        n, k = len(self._steps), self._steps.index(t)
+        n, k = len(self._steps), self._steps.index(denoiser_level(self._steps, t))
         sine = math.sin(math.pi * k / n) * self.scale * self.gamma if self.schedule == "elucd_sine" else 0.0
         return max(self.scale / (n + 1) * (n + 1 - k), 1e-5) + sine
 
@@ -106,22 +118,22 @@ class OffTheShelfGuidance(Guidance):
         with torch.enable_grad():
             if self.through_denoiser:
                 x_in = x.detach().requires_grad_(True)
-                eps = denoiser(x_in, t, condition)
-                score = self.log_score(denoiser.x0_from_eps(x_in, t, eps), labels).sum()
+                prediction = denoiser.predict(x_in, t, condition)
+                score = self.log_score(prediction.x0, labels).sum()
                 (grad,) = torch.autograd.grad(score, x_in)
-                eps, nfe = eps.detach(), 2
+                nfe = 2
             else:
                 with torch.no_grad():
-                    eps = denoiser(x, t, condition)
-                x0 = denoiser.x0_from_eps(x, t, eps).detach().requires_grad_(True)
+                    prediction = denoiser.predict(x, t, condition)
+                x0 = prediction.x0.detach().requires_grad_(True)
                 (grad,) = torch.autograd.grad(self.log_score(x0, labels).sum(), x0)
                 nfe = 1
-        pred = self.from_eps(denoiser, x, t, eps, nfe=nfe)
+        pred = GuidedPrediction(prediction.x0.detach(), prediction.eps.detach(), nfe)
         pred.score, pred.score_boost = self.scale * grad.detach(), self.boost(t)
         return pred
 
     def _edm(self, denoiser, x, t, labels, condition) -> GuidedPrediction:
-        root_a = denoiser.alpha(t) ** 0.5
+        root_a = denoiser.level(t).alpha
         x_edm = x / root_a
         x_rms = _rms(x_edm)
         with torch.enable_grad():
@@ -129,6 +141,6 @@ class OffTheShelfGuidance(Guidance):
             (grad,) = torch.autograd.grad(self.log_score(x_in, labels).sum(), x_in)
         move = grad / _rms(grad).clamp_min(1e-12) * x_rms * self.edm_strength(t)
         x_hat = x + root_a * move.detach()
-        pred = self.from_eps(denoiser, x_hat, t, denoiser(x_hat, t, condition), nfe=1)
+        pred = GuidedPrediction.of(denoiser.predict(x_hat, t, condition), nfe=1)
         pred.x = x_hat
         return pred

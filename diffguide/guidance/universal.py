@@ -27,6 +27,7 @@ import torch
 from diffguide.classifiers.clean import CleanClassifier
 from diffguide.errors import UserError
 from diffguide.guidance.base import Guidance, GuidedPrediction
+from diffguide.models.schedules import CLEAN
 
 SCHEDULES = ("increase", "decrease", "constant")
 SIGMA_SCHEDULES = ("decrease", "constant")
@@ -60,16 +61,16 @@ class UniversalGuidance(Guidance):
         self.rho_schedule, self.mu_schedule, self.sigma_schedule = rho_schedule, mu_schedule, sigma_schedule
         self.conditional_model = conditional_model
 
-    def start(self, denoiser, labels):
+    def check(self, denoiser):
         self.check_classes(self.classifier, denoiser)
         self.classifier.attach(denoiser)
 
     # --- schedules over the sampler's steps -------------------------------------------------------------------
     def _step_alphas(self, denoiser) -> list[float]:
-        if not self.timesteps:
-            raise RuntimeError("guidance=universal: call begin() with the sampler's timesteps first")
-        nexts = self.timesteps[1:] + [-1]
-        return [denoiser.alpha(t) / denoiser.alpha(n) for t, n in zip(self.timesteps, nexts)]
+        if not self.levels:
+            raise RuntimeError("guidance=universal: call begin() with the sampler's levels first")
+        nexts = self.levels[1:] + [CLEAN]
+        return [denoiser.alpha(t) / denoiser.alpha(n) for t, n in zip(self.levels, nexts)]
 
     def strength(self, denoiser, t: int, base: float, schedule: str) -> float:
         """base * schedule(step of t), the schedule normalised to mean 1 over the trajectory (TFG's get_rho/get_mu)."""
@@ -78,7 +79,7 @@ class UniversalGuidance(Guidance):
         total = sum(values)
         if total == 0:
             return 0.0
-        return base * values[self.timesteps.index(t)] * len(values) / total
+        return base * values[self.step_index(denoiser, t)] * len(values) / total
 
     def smoothing(self, denoiser, t: int) -> float:
         return self.sigma * ((1 - denoiser.alpha(t)) ** 0.5 if self.sigma_schedule == "decrease" else 1.0)
@@ -108,9 +109,8 @@ class UniversalGuidance(Guidance):
         lo_hi = denoiser.data_range
 
         def estimate(x_in):
-            eps = denoiser(x_in, t, condition)
-            x0 = denoiser.x0_from_eps(x_in, t, eps)
-            return eps, (x0.clamp(*lo_hi) if lo_hi is not None else x0)
+            pred = denoiser.predict(x_in, t, condition)
+            return pred.eps, (pred.x0.clamp(*lo_hi) if lo_hi is not None else pred.x0)
 
         if rho != 0.0:
             with torch.enable_grad():
@@ -133,5 +133,5 @@ class UniversalGuidance(Guidance):
                 z = z + mu * grad.detach()
         # TFG steps from the clipped x0 with the eps consistent with it, then adds the two moves.
         eps = denoiser.eps_from_x0(x, t, x0) if lo_hi is not None else eps
-        offset = (z - x0) + delta_t / denoiser.alpha(t) ** 0.5
+        offset = (z - x0) + delta_t / denoiser.level(t).alpha
         return GuidedPrediction(x0, eps, nfe, consistent=True, x0_offset=offset)

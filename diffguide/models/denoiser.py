@@ -5,28 +5,49 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from diffguide.models import parameterisation as param_lib
+from diffguide.models.parameterisation import Prediction
+from diffguide.models.schedules import DiscreteVP, Level, Schedule
+
 
 class Denoiser(nn.Module):
-    """A noise predictor eps(x_t, t, y) on a discrete VP schedule x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps.
+    """A model family behind one interface: `predict(x, t, labels)` gives the common prediction (x0 and eps) at a
+    noise level, whatever the network outputs and whatever its time.
 
-    Subclasses implement `_eps` for one batch; this class owns the schedule, the eps/x0 conversions and the batching
-    of several conditions into one forward pass. Labels are int64 class indices; `null_class` is the label of the
-    unconditional model (None for an unconditional network).
+    `t` is a `Level` (diffguide/models/schedules.py: the sampler's and the guidance's noise-level axis) or the model's
+    own time (a discrete model's timestep, a flow model's tau, an EDM model's sigma), which `level` maps to its Level.
+    The family's `schedule` maps time to level and gives each sampler its grid; its `parameterisation` converts the
+    network's output (eps, v, x0, EDM's F, a flow velocity) to the prediction and back. Subclasses implement
+    `_output` for one batch of network times; this class owns the conversions and the batching of several
+    conditions into one forward pass. Labels are int64 class indices; `null_class` is the label of the unconditional
+    model (None for an unconditional network).
 
     A network that also predicts its variance (improved DDPM's `learned_range`, as DiT does) sets `learned_variance`
-    and implements `_output` (eps, then as many variance channels v in [-1, 1]); `forward` still returns eps. While a
+    and outputs its variance channels after the prediction's; `predict` returns the prediction. While a
     sampler has armed `capture_variance`, every forward records the labels and the variance channels of its rows, and
     `captured_variance` gives the sampler those of the prediction it asks for (sampler.variance=learned).
     """
 
-    def __init__(self, alphas_cumprod: torch.Tensor, sample_shape: Sequence[int], num_classes: int,
-                 null_class: int | None, scheduler_config: dict, data_range: tuple[float, float] | None = None):
+    def __init__(self, alphas_cumprod: torch.Tensor | None, sample_shape: Sequence[int], num_classes: int,
+                 null_class: int | None, scheduler_config: dict, data_range: tuple[float, float] | None = None,
+                 schedule: Schedule | None = None, parameterisation: str | param_lib.Parameterisation = "eps"):
         super().__init__()
-        self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64), persistent=False)
+        if schedule is None:
+            schedule = DiscreteVP(alphas_cumprod, scheduler_config)
+        self.schedule = schedule
+        if alphas_cumprod is not None:
+            self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64), persistent=False)
+        else:
+            self.alphas_cumprod = None
+        self.register_buffer("_device_probe", torch.zeros(()), persistent=False)
+        self.parameterisation = (param_lib.make(parameterisation) if isinstance(parameterisation, str)
+                                 else parameterisation)
         self.sample_shape = tuple(sample_shape)
         self.num_classes = num_classes
         self.null_class = null_class
-        self.scheduler_config = dict(scheduler_config)
+        # every key explicit: diffusers' from_config replaces the keys a config lists in `_use_default_values` by the
+        # target class's own defaults (HeunDiscreteScheduler's betas are Stable Diffusion's, not DDPM's)
+        self.scheduler_config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
         # The range of clean data (pixel models: (-1, 1)); samplers may clip x0 to it. None for latent models.
         self.data_range = tuple(data_range) if data_range is not None else None
         self.autocast_dtype: torch.dtype | None = None
@@ -38,12 +59,25 @@ class Denoiser(nn.Module):
         return self.sample_shape
 
     @property
-    def num_train_timesteps(self) -> int:
-        return len(self.alphas_cumprod)
+    def num_train_timesteps(self) -> int | None:
+        """The length of a discrete schedule (None for a continuous one)."""
+        return None if self.alphas_cumprod is None else len(self.alphas_cumprod)
 
     @property
     def device(self) -> torch.device:
-        return self.alphas_cumprod.device
+        return self._device_probe.device
+
+    def level(self, t) -> Level:
+        """The Level of the model's time t (a Level is returned as it is)."""
+        return t if isinstance(t, Level) else self.schedule.level(t)
+
+    def same_noise_process(self, other: "Denoiser") -> bool:
+        """True when predictions of the two models at one Level can be mixed (same family, schedule and time)."""
+        if type(self.schedule) is not type(other.schedule):
+            return False
+        if self.alphas_cumprod is not None and other.alphas_cumprod is not None:
+            return torch.allclose(self.alphas_cumprod.cpu(), other.alphas_cumprod.cpu())
+        return self.schedule.scheduler_config == other.schedule.scheduler_config
 
     def set_precision(self, dtype: torch.dtype | None) -> None:
         """Run the network under autocast in `dtype` (None: float32). The returned predictions are float32."""
@@ -54,27 +88,52 @@ class Denoiser(nn.Module):
         """True when the network outputs variance channels after eps (see `_output`)."""
         return False
 
-    def _eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def _output(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The network's output for one batch at network times t (batch,): its prediction in its
+        parameterisation, followed by the variance channels where `learned_variance`."""
         raise NotImplementedError
 
-    def _output(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """The network's output for one batch: eps, followed by the variance channels where `learned_variance`."""
-        return self._eps(x, t, labels)
+    def network_output(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The public batched forward (training, tests): the network's raw output at per-row model times t (batch,),
+        under this model's precision; variance channels included. The network input x is in the model's
+        coordinates (the parameterisation's input scaling is the caller's, as a training loss sees it)."""
+        with self.autocast(x.device.type):
+            return self._output(x, self.schedule.network_time(t), labels)
 
     def autocast(self, device_type: str):
         """The precision context of the networks: autocast in `autocast_dtype`, or plain float32."""
         return torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
-    def forward(self, x: torch.Tensor, t: int, labels: torch.Tensor | None) -> torch.Tensor:
-        t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+    def network(self, x: torch.Tensor, level: Level, labels: torch.Tensor | None) -> torch.Tensor:
+        """The network's output in its parameterisation at one level (float32), variance channels split off (and
+        recorded while a sampler captures them)."""
+        time = torch.full((x.shape[0],), level.t, device=x.device,
+                          dtype=torch.long if isinstance(level.t, int) else torch.float32)
+        x_in = self.parameterisation.network_input(x, level)
         with self.autocast(x.device.type):
-            out = self._output(x, t_batch, labels).float()
+            out = self._output(x_in, self.schedule.network_time(time), labels).float()
         if not self.learned_variance:
             return out
         channels = self.sample_shape[0]
         if self._captured is not None:
             self._captured.append((labels, out[:, channels:].detach()))
         return out[:, :channels]
+
+    def predict(self, x: torch.Tensor, t, labels: torch.Tensor | None) -> Prediction:
+        """The common prediction (x0, eps) at level t under the condition `labels`."""
+        level = self.level(t)
+        return self.parameterisation.prediction(self.network(x, level, labels), x, level)
+
+    def forward(self, x: torch.Tensor, t, labels: torch.Tensor | None) -> torch.Tensor:
+        """eps at level t (`predict(...).eps`)."""
+        return self.predict(x, t, labels).eps
+
+    def output(self, pred: Prediction, x: torch.Tensor, t) -> torch.Tensor:
+        """The network's own quantity (eps, v, x0, F, velocity) of a prediction."""
+        return self.parameterisation.output(pred, x, self.level(t))
+
+    def from_output(self, out: torch.Tensor, x: torch.Tensor, t) -> Prediction:
+        return self.parameterisation.prediction(out, x, self.level(t))
 
     def capture_variance(self, on: bool) -> None:
         """Arm (forgetting what was recorded) or disarm the recording of the variance channels of every forward."""
@@ -98,14 +157,23 @@ class Denoiser(nn.Module):
             return records[0][1]
         return None
 
-    def eps_many(self, x: torch.Tensor, t: int, label_sets: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-        """eps for the same x under several conditions, in one forward pass of len(label_sets) * batch."""
-        if len(label_sets) == 1:
-            return [self(x, t, label_sets[0])]
-        if any(labels is None for labels in label_sets):
-            return [self(x, t, labels) for labels in label_sets]
-        eps = self(torch.cat([x] * len(label_sets)), t, torch.cat(list(label_sets)))
-        return list(eps.chunk(len(label_sets)))
+    def predict_many(self, x: torch.Tensor, t, label_sets: Sequence[torch.Tensor | None]) -> list[Prediction]:
+        """Predictions for the same x under several conditions, in one forward pass of len(label_sets) * batch."""
+        if len(label_sets) == 1 or any(labels is None for labels in label_sets):
+            return [self.predict(x, t, labels) for labels in label_sets]
+        level = self.level(t)
+        pred = self.predict(torch.cat([x] * len(label_sets)), level, torch.cat(list(label_sets)))
+        return [Prediction(x0, eps) for x0, eps in zip(pred.x0.chunk(len(label_sets)),
+                                                       pred.eps.chunk(len(label_sets)))]
+
+    def pair(self, x: torch.Tensor, t, labels: torch.Tensor) -> tuple[Prediction, Prediction]:
+        """(unconditional, conditional) predictions in one forward pass: the pair every CFG-like method starts from."""
+        uncond, cond = self.predict_many(x, t, [self.null_labels(labels), labels])
+        return uncond, cond
+
+    def eps_many(self, x: torch.Tensor, t, label_sets: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        """eps for the same x under several conditions, in one forward pass."""
+        return [pred.eps for pred in self.predict_many(x, t, label_sets)]
 
     def condition(self, labels: torch.Tensor, conditional: bool) -> torch.Tensor | None:
         """The labels to predict with: the class labels, or the null class (None for an unconditional network)."""
@@ -122,19 +190,41 @@ class Denoiser(nn.Module):
         """Model space -> image space in [-1, 1] (identity for pixel models; a VAE decode for latent ones)."""
         return x0
 
-    def alpha(self, t: int) -> float:
-        """a_t = alphas_cumprod[t]; t = -1 stands for the clean data (a = 1)."""
-        return 1.0 if t < 0 else float(self.alphas_cumprod[t])
+    def alpha(self, t) -> float:
+        """The VP alpha-bar of level t (a discrete model's alphas_cumprod[t]; 1 for the clean data)."""
+        level = self.level(t)
+        if isinstance(level.t, int) and self.alphas_cumprod is not None:  # a discrete timestep: its table entry
+            return 1.0 if level.t < 0 else float(self.alphas_cumprod[level.t])
+        return level.snr_alpha
 
-    def x0_from_eps(self, x: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
-        a = self.alpha(t)
-        return (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+    def x0_from_eps(self, x: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
+        level = self.level(t)
+        return (x - level.noise * eps) / level.alpha
 
-    def eps_from_x0(self, x: torch.Tensor, t: int, x0: torch.Tensor) -> torch.Tensor:
-        a = self.alpha(t)
-        return (x - a ** 0.5 * x0) / (1 - a) ** 0.5
+    def eps_from_x0(self, x: torch.Tensor, t, x0: torch.Tensor) -> torch.Tensor:
+        level = self.level(t)
+        return (x - level.alpha * x0) / level.noise
 
-    def sigma(self, t: int) -> float:
-        """The EDM-style noise level sqrt((1 - a_t) / a_t) of timestep t."""
-        a = self.alpha(t)
-        return ((1 - a) / a) ** 0.5
+    def sigma(self, t) -> float:
+        """EDM's noise level of level t (sqrt((1 - a_t) / a_t) for a VP timestep)."""
+        return self.level(t).sigma
+
+    # -- network hooks (appended below) --
+
+    def blocks(self) -> list[torch.nn.Module]:
+        """The network's blocks a guidance method may perturb (`Perturbation.blocks` indexes this list), in forward
+        order; [] for a family that declares none (see diffguide/models/hooks.py)."""
+        return []
+
+    def self_attention(self, block: torch.nn.Module) -> torch.nn.Module | None:
+        """The self-attention layer (a diffusers Attention) of one of `blocks()`, or None where it has none."""
+        return None
+
+    def perturbed(self, perturbation):
+        """A context manager within which this model's forwards run its network perturbed as `perturbation`
+        (a hooks.Perturbation) says; on exit the network is as it was. Raises, at the call, a one-line UserError
+        when the model declares no blocks or a block index is out of range."""
+        from diffguide.models import hooks
+
+        return hooks.perturbed([(block, self.self_attention(block)) for block in self.blocks()], perturbation,
+                               name=type(self).__name__)

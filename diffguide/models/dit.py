@@ -52,6 +52,13 @@ class LatentDiT(Denoiser):
                 images.append(self.vae.decode((chunk / self.scaling_factor).to(dtype)).sample.float())
         return torch.cat(images).clamp(-1, 1)
 
+    def blocks(self):
+        """DiT's transformer blocks (diffusers BasicTransformerBlock), in forward order."""
+        return list(self.transformer.transformer_blocks)
+
+    def self_attention(self, block):
+        return block.attn1
+
 
 def load(source: str, num_classes: int | None = None, decode_batch_size: int = 32, revision: str | None = None,
          local_files_only: bool = False) -> LatentDiT:

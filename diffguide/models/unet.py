@@ -7,33 +7,59 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffguide import checkpoint
 from diffguide.errors import UserError
 from diffguide.models.denoiser import Denoiser
+from diffguide.models.schedules import FlowSchedule
 
 KIND = "unet-denoiser"
 
 
 class UNetDenoiser(Denoiser):
-    """UNet2DModel with a class embedding of num_classes + 1 rows; the last row is the null class."""
+    """UNet2DModel with a class embedding of num_classes + 1 rows; the last row is the null class.
 
-    def __init__(self, unet: UNet2DModel, num_classes: int, scheduler_config: dict):
-        scheduler = DDPMScheduler.from_config(scheduler_config)
+    parameterisation eps (or v, x0) on the discrete VP schedule of `scheduler_config` (DDPMScheduler's), or flow:
+    the flow-matching velocity on FlowMatchEulerDiscreteScheduler's time (`scheduler_config` is then its config)."""
+
+    def __init__(self, unet: UNet2DModel, num_classes: int, scheduler_config: dict, parameterisation: str = "eps"):
         size = unet.config.sample_size
-        super().__init__(scheduler.alphas_cumprod, (unet.config.in_channels, size, size), num_classes,
-                         null_class=num_classes, scheduler_config=scheduler.config, data_range=(-1.0, 1.0))
+        shape = (unet.config.in_channels, size, size)
+        if parameterisation == "flow":
+            schedule = FlowSchedule(scheduler_config)
+            super().__init__(None, shape, num_classes, null_class=num_classes,
+                             scheduler_config=schedule.scheduler_config, data_range=(-1.0, 1.0), schedule=schedule,
+                             parameterisation="flow")
+        else:
+            scheduler = DDPMScheduler.from_config(scheduler_config)
+            super().__init__(scheduler.alphas_cumprod, shape, num_classes, null_class=num_classes,
+                             scheduler_config=scheduler.config, data_range=(-1.0, 1.0),
+                             parameterisation=parameterisation)
         self.unet = unet
 
-    def _eps(self, x, t, labels):
+    def _output(self, x, t, labels):
         return self.unet(x, t, class_labels=labels).sample
 
+    def blocks(self):
+        """The UNet's self-attention layers (diffusers Attention in its down, mid and up blocks, in forward order);
+        each is its own block (its self_attention; skipping it returns its input). fmnist_unet has one, in its
+        mid block."""
+        from diffguide.models.hooks import self_attention_layers
 
-def build(unet_config: dict, num_classes: int, scheduler_config: dict) -> UNetDenoiser:
+        return self_attention_layers(self.unet.down_blocks, self.unet.mid_block, self.unet.up_blocks)
+
+    def self_attention(self, block):
+        return block
+
+
+def build(unet_config: dict, num_classes: int, scheduler_config: dict, parameterisation: str = "eps") -> UNetDenoiser:
     unet = UNet2DModel(**unet_config, num_class_embeds=num_classes + 1)
-    return UNetDenoiser(unet, num_classes, scheduler_config)
+    return UNetDenoiser(unet, num_classes, scheduler_config, parameterisation)
 
 
 def config_of(model: UNetDenoiser) -> dict:
     unet_config = {k: v for k, v in model.unet.config.items() if not k.startswith("_") and k != "num_class_embeds"}
-    return {"unet": unet_config, "num_classes": model.num_classes,
-            "scheduler": {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}}
+    config = {"unet": unet_config, "num_classes": model.num_classes,
+              "scheduler": {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}}
+    if model.parameterisation.name != "eps":
+        config["parameterisation"] = model.parameterisation.name
+    return config
 
 
 def save(model: UNetDenoiser, path: Path, extra: dict | None = None) -> None:
@@ -43,7 +69,7 @@ def save(model: UNetDenoiser, path: Path, extra: dict | None = None) -> None:
 def load(weights: str) -> UNetDenoiser:
     """The `_target_` of conf/model/fmnist_unet.yaml: rebuild the network from the checkpoint's own config."""
     tensors, config = checkpoint.load(weights, KIND)
-    model = build(config["unet"], config["num_classes"], config["scheduler"])
+    model = build(config["unet"], config["num_classes"], config["scheduler"], config.get("parameterisation", "eps"))
     model.unet.load_state_dict(tensors)
     return model.eval().requires_grad_(False)
 
@@ -61,9 +87,11 @@ class PretrainedUNet(Denoiser):
                          null_class=None, scheduler_config=scheduler.config, data_range=(-1.0, 1.0))
         self.unet, self.conditional = unet, conditional
 
-    def _eps(self, x, t, labels):
+    def _output(self, x, t, labels):
         out = self.unet(x, t, class_labels=labels if self.conditional else None).sample
         return out[:, :x.shape[1]]  # learned-variance channels, when present, are not used by these samplers
+
+    blocks, self_attention = UNetDenoiser.blocks, UNetDenoiser.self_attention  # the same UNet2DModel layout
 
 
 def load_pretrained(source: str, num_classes: int = 10, revision: str | None = None,

@@ -1,8 +1,13 @@
-"""The sampling loop shared by every sampler; each sampler file supplies its timesteps and its update rule.
+"""The sampling loop shared by every sampler; each sampler file supplies its diffusers scheduler (whose grid of
+noise levels it follows) and its update rule.
+
+The loop walks the model's noise levels (diffguide/models/schedules.py: `Level`, x = alpha x0 + noise eps in the
+model's own coordinates, sigma = noise / alpha), so one sampler works with every model family: a discrete VP model
+keeps the exact timesteps of the scheduler, a flow model FlowMatchEulerDiscreteScheduler's grid, an EDM model Karras'.
 
 The update rules are written here rather than taken from diffusers' `step` because a diffusers scheduler derives
 both the data estimate and the re-noising direction from one model output, and guidance methods such as CFG++ need
-the two to differ. diffusers still supplies the timestep schedules, and tests check each rule against its step.
+the two to differ; diffusers still supplies the grids, and tests check each rule against its scheduler's step.
 """
 
 from typing import Callable, Sequence
@@ -12,13 +17,14 @@ import torch
 from diffguide.errors import UserError
 from diffguide.guidance.base import Guidance, GuidedPrediction
 from diffguide.models.denoiser import Denoiser
+from diffguide.models.schedules import CLEAN, Level, posterior_variance, transition
 
 SPACINGS = ("leading", "trailing", "linspace")
 
 
 class Sampler:
     name = "sampler"
-    scheduler_class = None  # the diffusers scheduler whose timestep schedule this sampler follows
+    scheduler_class = None  # the diffusers scheduler whose grid this sampler follows on discrete VP models
 
     def __init__(self, steps: int, spacing: str = "trailing", clip_x0: bool = True):
         if not isinstance(steps, int) or steps < 1:
@@ -27,16 +33,23 @@ class Sampler:
             raise UserError(f"sampler spacing {spacing!r} is not one of {', '.join(SPACINGS)}")
         self.steps, self.spacing, self.clip_x0 = steps, spacing, clip_x0
 
-    def check(self, denoiser: Denoiser) -> None:
-        if self.steps > denoiser.num_train_timesteps:
+    def check(self, denoiser: Denoiser, guidance: Guidance | None = None) -> None:
+        """Refuse, in one line, a model (or a guidance method) this sampler cannot step with."""
+        if denoiser.num_train_timesteps is not None and self.steps > denoiser.num_train_timesteps:
             raise UserError(f"steps={self.steps} exceeds the model's {denoiser.num_train_timesteps} training timesteps")
+        if guidance is not None and guidance.samplers is not None and self.name not in guidance.samplers:
+            raise UserError(f"guidance={guidance.name} has no form for sampler={self.name}; it is defined on "
+                            f"sampler={', '.join(guidance.samplers)}")
 
-    def timesteps(self, denoiser: Denoiser) -> list[int]:
-        """Descending timesteps from the matching diffusers scheduler, for the denoiser's own training schedule."""
+    def levels(self, denoiser: Denoiser) -> list[Level]:
+        """The descending noise levels the sampler evaluates the model at (the clean level, where the trajectory
+        ends, not included)."""
         self.check(denoiser)
-        scheduler = self.scheduler_class.from_config(denoiser.scheduler_config, timestep_spacing=self.spacing)
-        scheduler.set_timesteps(self.steps)
-        return [int(t) for t in scheduler.timesteps]
+        return denoiser.schedule.grid(self.scheduler_class, self.steps, self.spacing)
+
+    def timesteps(self, denoiser: Denoiser) -> list:
+        """The model's own times of `levels` (a discrete model's timesteps)."""
+        return [level.t for level in self.levels(denoiser)]
 
     #: True for samplers that draw x_next from the Gaussian posterior q(x_next | x_t, x0) (DDPM): a guidance
     #: `score` moves their mean (guided-diffusion's condition_mean) instead of their eps.
@@ -45,41 +58,54 @@ class Sampler:
     #: records the variance channels of the denoiser's forwards during each guidance call and sets the prediction's
     #: `log_variance` from `model_log_variance`.
     uses_model_variance = False
+    #: network evaluations of the guidance per step (Heun: 2, except on its last step)
+    evaluations_per_step = 1
 
     def model_log_variance(self, denoiser: Denoiser, guidance: Guidance, labels: torch.Tensor,
-                           timesteps: list[int], i: int) -> torch.Tensor:
+                           levels: list[Level], i: int) -> torch.Tensor:
         raise NotImplementedError
 
     @staticmethod
-    def posterior_variance(denoiser: Denoiser, t: int, t_next: int) -> float:
-        """Sigma_t: the variance of q(x_next | x_t, x0) for the step t -> t_next of this (respaced) trajectory,
-        beta_step (1 - a_next) / (1 - a_t) with beta_step = 1 - a_t / a_next; 0 on the last step (to the data)."""
-        a_t, a_next = denoiser.alpha(t), denoiser.alpha(t_next)
-        return (1 - a_next) / (1 - a_t) * (1 - a_t / a_next)
+    def posterior_variance(denoiser: Denoiser, t, t_next) -> float:
+        """Sigma_t: the variance of q(x_next | x_t, x0) for the step t -> t_next of this trajectory (levels or a
+        discrete model's timesteps, -1 the clean data): beta_step (1 - a_next) / (1 - a_t) on a VP trajectory."""
+        return posterior_variance(denoiser.level(t), denoiser.level(t_next))
 
-    def _finalize(self, denoiser: Denoiser, x: torch.Tensor, t: int, t_next: int,
+    def _finalize(self, denoiser: Denoiser, x: torch.Tensor, t, t_next,
                   pred: GuidedPrediction) -> GuidedPrediction:
         """Clip x0 to the model's data range where asked (pixel models), keeping eps consistent with it; then apply
         the guidance's score in the sampler's form (see GuidedPrediction.score) and add its x0_offset, neither of
         which the clipping may cut."""
+        t, t_next = denoiser.level(t), denoiser.level(t_next)
         x0, eps, score = pred.x0, pred.eps, pred.score
         if self.clip_x0 and pred.clip and denoiser.data_range is not None:
             x0 = x0.clamp(*denoiser.data_range)
             if pred.consistent:
-                eps = denoiser.eps_from_x0(x, t, x0)
+                eps = (x - t.alpha * x0) / t.noise
         if score is not None and not self.ancestral:
-            variance = self.posterior_variance(denoiser, t, t_next)
+            variance = posterior_variance(t, t_next)
             factor = (variance + pred.score_boost) / variance if variance > 0 else 1.0
-            eps = eps - (1 - denoiser.alpha(t)) ** 0.5 * factor * score
-            x0 = denoiser.x0_from_eps(x, t, eps)
+            # condition_score: eps -= noise * factor * score, x0 the one consistent with it (none where alpha = 0:
+            # a flow model's pure-noise level, where no classifier can tell classes apart)
+            eps = eps - t.noise * factor * score
+            if t.alpha > 0:
+                x0 = (x - t.noise * eps) / t.alpha
             score = None
         if pred.x0_offset is not None:
             x0 = x0 + pred.x0_offset
         return GuidedPrediction(x0, eps, pred.nfe, pred.consistent and pred.x0_offset is None, score=score,
                                 score_boost=pred.score_boost)
 
-    def update(self, denoiser: Denoiser, x: torch.Tensor, t: int, t_next: int, pred: GuidedPrediction,
-               noise: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def update(self, denoiser: Denoiser, x: torch.Tensor, t, t_next, pred: GuidedPrediction,
+               noise: Callable[[], torch.Tensor], predict: Callable[[torch.Tensor, Level], GuidedPrediction] | None = None
+               ) -> torch.Tensor:
+        """x at level t_next from x at level t (Levels, or a discrete model's timesteps) and the (finalized)
+        prediction there; `predict(x, level)` runs the guidance again (finalized, its NFE counted) for samplers of
+        several evaluations per step."""
+        return self.step(denoiser, x, denoiser.level(t), denoiser.level(t_next), pred, noise, predict)
+
+    def step(self, denoiser: Denoiser, x: torch.Tensor, t: Level, t_next: Level, pred: GuidedPrediction,
+             noise: Callable[[], torch.Tensor], predict=None) -> torch.Tensor:
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -102,10 +128,13 @@ class Sampler:
         """Integrate from x_T down to the data; returns (x0, network evaluations per sample: a float, or a (batch,)
         tensor where the guidance spends different amounts on different samples).
 
-        Stochastic samplers draw each sample's fresh noise from its own generator, so that a sample does not depend
-        on which batch it ran in.
+        x_T is standard normal noise; it starts at the first level's noise scale (noise, 1 on VP and flow models,
+        sigma_max on EDM ones). Stochastic samplers draw each sample's fresh noise from its own generator, so that a
+        sample does not depend on which batch it ran in.
         """
-        timesteps = self.timesteps(denoiser)
+        levels = self.levels(denoiser)
+        self.check(denoiser, guidance)
+        guidance.check(denoiser)
         shape = x_T.shape[1:]
 
         def noise() -> torch.Tensor:
@@ -114,30 +143,42 @@ class Sampler:
             return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(x_T.device)
 
         self.reset()
-        guidance.begin(denoiser, labels, timesteps, noise)
+        guidance.begin(denoiser, labels, levels, noise)
         repeats = guidance.recurrence
-        x, nfe = x_T, 0.0
+        # a discrete VP model starts from x_T itself (as DDIMPipeline and DiTPipeline do); a continuous one from the
+        # first level's noise scale (EDM: sigma_max x_T, as edm2 and k-diffusion do; a flow model's tau = 1: x_T)
+        x = x_T * levels[0].noise if denoiser.schedule.continuous else x_T
+        spent = [0.0]
+
+        def predict(x_at: torch.Tensor, level: Level, level_next: Level) -> GuidedPrediction:
+            pred = guidance(denoiser, x_at, level, labels)
+            pred = self._finalize(denoiser, x_at if pred.x is None else pred.x, level, level_next, pred)
+            spent[0] = spent[0] + pred.nfe
+            return pred
+
         try:
-            for i, t in enumerate(timesteps):
-                t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            for i, t in enumerate(levels):
+                t_next = levels[i + 1] if i + 1 < len(levels) else CLEAN
                 for r in range(repeats):
                     history = self.history()
                     denoiser.capture_variance(self.uses_model_variance)  # records this prediction's forwards only
-                    pred = guidance(denoiser, x, t, labels)
-                    x_at = x if pred.x is None else pred.x  # where the guidance moved x_t, the step starts from there
-                    pred = self._finalize(denoiser, x_at, t, t_next, pred)
+                    raw = guidance(denoiser, x, t, labels)
+                    x_at = x if raw.x is None else raw.x  # where the guidance moved x_t, the step starts from there
+                    pred = self._finalize(denoiser, x_at, t, t_next, raw)
                     if self.uses_model_variance:
-                        pred.log_variance = self.model_log_variance(denoiser, guidance, labels, timesteps, i)
-                    nfe = nfe + pred.nfe
-                    x_next = self.update(denoiser, x_at, t, t_next, pred, noise)
+                        pred.log_variance = self.model_log_variance(denoiser, guidance, labels, levels, i)
+                    spent[0] = spent[0] + pred.nfe
+                    after = levels[i + 2] if i + 2 < len(levels) else CLEAN
+                    x_next = self.update(denoiser, x_at, t, t_next, pred, noise,
+                                         lambda x_b, level: predict(x_b, level, after))
                     if r + 1 < repeats:
                         # Self-recurrence: back to level t with fresh noise, and the multistep history as it was.
-                        step_alpha = denoiser.alpha(t) / denoiser.alpha(t_next)
-                        x = step_alpha ** 0.5 * x_next + (1 - step_alpha) ** 0.5 * noise()
+                        ratio, variance = transition(t, t_next)
+                        x = ratio * x_next + variance ** 0.5 * noise()
                         self.restore(history)
                 x = x_next
                 if on_step is not None:
-                    on_step(i + 1, len(timesteps))
+                    on_step(i + 1, len(levels))
         finally:
             denoiser.capture_variance(False)
-        return x, nfe
+        return x, spent[0]

@@ -20,6 +20,7 @@ import math
 from diffusers import DDPMScheduler
 
 from diffguide.errors import UserError
+from diffguide.models.schedules import CLEAN, posterior_variance
 from diffguide.samplers.ddim import DDIM
 
 VARIANCES = ("fixed_small", "learned")
@@ -43,39 +44,42 @@ class DDPM(DDIM):
         self.variance = variance
         self.uses_model_variance = variance == "learned"
 
-    def check(self, denoiser):
-        super().check(denoiser)
+    def check(self, denoiser, guidance=None):
+        super().check(denoiser, guidance)
+        if self.uses_model_variance and denoiser.num_train_timesteps is None:
+            raise UserError("sampler.variance=learned needs a discrete-time model with variance channels")
         if self.uses_model_variance and not denoiser.learned_variance:
             raise UserError(f"sampler.variance=learned needs a model that predicts its variance (model=dit_xl_2_256); "
                             f"this model outputs eps only: use sampler.variance=fixed_small")
 
-    def model_log_variance(self, denoiser, guidance, labels, timesteps, i):
-        t = timesteps[i]
-        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+    def model_log_variance(self, denoiser, guidance, labels, levels, i):
+        t = levels[i]
+        t_next = levels[i + 1] if i + 1 < len(levels) else CLEAN
         v = denoiser.captured_variance(denoiser.condition(labels, True), len(labels))
         if v is None or guidance.name in PART_BATCH_GUIDANCE:
-            raise UserError(f"sampler.variance=learned: guidance={guidance.name} gives no whole-batch forward at t={t} "
+            raise UserError(f"sampler.variance=learned: guidance={guidance.name} gives no whole-batch forward at "
+                            f"t={t.t} "
                             f"to take the learned variance from (the conditional prediction, or the step's only "
                             f"forward); it works with guidance={LEARNED_VARIANCE_GUIDANCE}; or use "
                             f"sampler.variance=fixed_small")
         a_t, a_next = denoiser.alpha(t), denoiser.alpha(t_next)
         max_log = math.log(1 - a_t / a_next)
-        if t_next >= 0:
-            min_log = math.log(self.posterior_variance(denoiser, t, t_next))
-        elif len(timesteps) > 1:  # the last step: clipped to the previous step's posterior variance
-            min_log = math.log(self.posterior_variance(denoiser, timesteps[-2], t))
+        if not t_next.clean:
+            min_log = math.log(posterior_variance(t, t_next))
+        elif len(levels) > 1:  # the last step: clipped to the previous step's posterior variance
+            min_log = math.log(posterior_variance(levels[-2], t))
         else:
             min_log = max_log
         frac = (v + 1) / 2
         return frac * max_log + (1 - frac) * min_log
 
-    def update(self, denoiser, x, t, t_next, pred, noise):
+    def step(self, denoiser, x, t, t_next, pred, noise, predict=None):
         if pred.log_variance is None:
-            x_next = super().update(denoiser, x, t, t_next, pred, noise)
-            variance = self.posterior_variance(denoiser, t, t_next)
+            x_next = super().step(denoiser, x, t, t_next, pred, noise, predict)
+            variance = posterior_variance(t, t_next)
         else:
-            x_next = self.mean(denoiser, t_next, pred, self.posterior_variance(denoiser, t, t_next))
-            if t_next >= 0:
+            x_next = self.mean(t_next, pred, posterior_variance(t, t_next))
+            if not t_next.clean:
                 x_next = x_next + (0.5 * pred.log_variance).exp() * noise()
             variance = pred.log_variance.exp()
         if pred.score is not None:

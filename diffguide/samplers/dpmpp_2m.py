@@ -1,11 +1,16 @@
-"""DPM-Solver++ 2M (Lu et al. 2022), the multistep second-order solver in the data (x0) prediction.
+"""DPM-Solver++ 2M (Lu et al. 2022), the multistep second-order solver in the data (x0) prediction, and its SDE
+variant (diffusers' DPMSolverMultistepScheduler, algorithm_type "dpmsolver++" and "sde-dpmsolver++", midpoint).
 
-With alpha = sqrt(a), sigma = sqrt(1 - a), lambda = log(alpha / sigma), h = lambda_next - lambda_t, r = h_prev / h:
-    x_next = sigma_next eps + alpha_next x0 - alpha_next expm1(-h) / (2 r) (x0 - x0_base_prev)
+With alpha, sigma the level's scale and noise (x = alpha x0 + sigma eps), lambda = log(alpha / sigma),
+h = lambda_next - lambda_t, r = h_prev / h:
+    2M:      x_next = sigma_next eps + alpha_next x0 - alpha_next expm1(-h) / (2 r) (x0 - x0_base_prev)
 where x0_base = (x - sigma eps) / alpha. For a prediction whose eps is consistent with x0 this is the usual
     x_next = (sigma_next / sigma) x - alpha_next expm1(-h) ((1 + 1/(2r)) x0 - 1/(2r) x0_prev);
 for CFG++ (eps = eps_u) it is the CFG++ paper's 2M form, whose history term uses the previous unconditional x0.
-The first step, and the last one (down to sigma = 0), are first order, as in diffusers.
+    2M SDE:  x_next = (sigma_next / sigma) e^-h x + alpha_next (1 - e^-2h) (x0 + (x0 - x0_prev) / (2 r))
+                      + sigma_next sqrt(1 - e^-2h) z
+The first step, and the last one (down to sigma = 0), are first order, as in diffusers. lambda is -inf at a flow
+model's tau = 1 (alpha = 0), where the first-order step is x_next = alpha_next x0 + sigma_next eps (2M) exactly.
 """
 
 import math
@@ -13,6 +18,14 @@ import math
 from diffusers import DPMSolverMultistepScheduler
 
 from diffguide.samplers.base import Sampler
+
+
+def _lambda(level) -> float:
+    if level.alpha == 0:
+        return -math.inf
+    if level.noise == 0:
+        return math.inf
+    return math.log(level.alpha / level.noise)
 
 
 class DPMSolverPP2M(Sampler):
@@ -28,20 +41,38 @@ class DPMSolverPP2M(Sampler):
         self._prev_x0_base = None
         self._prev_h = None
 
-    @staticmethod
-    def _lambda(a: float) -> float:
-        return 0.5 * math.log(a / (1 - a))
+    def _ratio(self, h: float) -> float | None:
+        """r = h_prev / h of a second-order step, or None for a first-order one (the first and the last)."""
+        if self._prev_x0_base is None or math.isinf(h):
+            return None
+        return self._prev_h / h
 
-    def update(self, denoiser, x, t, t_next, pred, noise):
-        a_t, a_next = denoiser.alpha(t), denoiser.alpha(t_next)
-        alpha_next, sigma_next = a_next ** 0.5, (1 - a_next) ** 0.5
-        x_next = sigma_next * pred.eps + alpha_next * pred.x0
-        last = t_next < 0
-        if not last:
-            h = self._lambda(a_next) - self._lambda(a_t)
-            if self._prev_x0_base is not None:
-                r = self._prev_h / h
-                x_next = x_next - alpha_next * math.expm1(-h) / (2 * r) * (pred.x0 - self._prev_x0_base)
-            self._prev_h = h
-        self._prev_x0_base = (x - (1 - a_t) ** 0.5 * pred.eps) / a_t ** 0.5
+    def step(self, denoiser, x, t, t_next, pred, noise, predict=None):
+        h = _lambda(t_next) - _lambda(t)
+        x_next = t_next.noise * pred.eps + t_next.alpha * pred.x0
+        r = self._ratio(h)
+        if r is not None and not math.isinf(r):
+            x_next = x_next - t_next.alpha * math.expm1(-h) / (2 * r) * (pred.x0 - self._prev_x0_base)
+        self._prev_h = h
+        self._prev_x0_base = pred.x0 if t.alpha == 0 else (x - t.noise * pred.eps) / t.alpha
+        return x_next
+
+
+class DPMSolverPP2MSDE(DPMSolverPP2M):
+    name = "dpmpp_2m_sde"
+
+    def step(self, denoiser, x, t, t_next, pred, noise, predict=None):
+        h = _lambda(t_next) - _lambda(t)
+        decay = math.exp(-h)  # 0 on the last step (h = inf) and from a flow's tau = 1
+        x0 = pred.x0
+        r = self._ratio(h)
+        if r is not None and not math.isinf(r):
+            x0 = x0 + (pred.x0 - self._prev_x0_base) / (2 * r)
+        x_next = t_next.alpha * (1 - decay ** 2) * x0
+        if decay > 0:
+            x_next = x_next + (t_next.noise / t.noise * decay) * x
+        if t_next.noise > 0:
+            x_next = x_next + t_next.noise * (1 - decay ** 2) ** 0.5 * noise()
+        self._prev_h = h
+        self._prev_x0_base = pred.x0
         return x_next

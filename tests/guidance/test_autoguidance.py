@@ -5,13 +5,13 @@ from diffguide.errors import UserError
 from diffguide.guidance.autoguidance import AutoGuidance
 from diffguide.guidance.none import NoGuidance
 from diffguide.models import gmm
-from tests.conftest import ToyDenoiser
+from tests.helpers import ToyDenoiser
 
 
 class WeakToy(ToyDenoiser):
     """eps = 0.3 x + 0.05 (y + 1) + t / 1000."""
 
-    def _eps(self, x, t, labels):
+    def _output(self, x, t, labels):
         self.calls.append(x.shape[0])
         y = torch.where(labels == self.null_class, -1, labels).to(x.dtype).view(-1, 1, 1, 1)
         return 0.3 * x + 0.05 * (y + 1) + t.to(x.dtype).view(-1, 1, 1, 1) / 1000
@@ -38,6 +38,6 @@ def test_autoguidance_refuses_a_weak_model_on_another_schedule():
     other = gmm.GaussianMixture(main.means, 0.3, scheduler_config={"num_train_timesteps": 1000,
                                                                   "beta_schedule": "squaredcos_cap_v2"})
     with pytest.raises(UserError, match="noise schedule"):
-        AutoGuidance(other, 2.0).start(main, torch.tensor([0]))
+        AutoGuidance(other, 2.0).check(main)
     with pytest.raises(UserError, match="weak model"):
         AutoGuidance(None, 2.0)

@@ -6,7 +6,7 @@ from diffguide.errors import UserError
 from diffguide.guidance.cfg import CFG
 from diffguide.guidance.none import NoGuidance
 from diffguide.models import gmm
-from tests.conftest import ToyDenoiser
+from tests.helpers import ToyDenoiser
 
 
 def test_cfg_matches_formula_worked_by_hand(toy):
@@ -63,7 +63,7 @@ def test_cfg_needs_a_null_class():
     model = ToyDenoiser()
     model.null_class = None
     with pytest.raises(UserError, match="null class"):
-        CFG(2.0).start(model, torch.tensor([0]))
+        CFG(2.0).check(model)
 
 
 def test_cfg_on_three_of_four_channels_worked_by_hand():
@@ -98,7 +98,7 @@ def test_cfg_at_zero_on_some_channels_still_needs_the_conditional_prediction():
 @pytest.mark.parametrize("channels, where", [(0, "init"), (-1, "init"), (2.5, "init"), (True, "init"), (5, "start")])
 def test_cfg_channels_out_of_range_is_one_line(channels, where):
     with pytest.raises(UserError, match="guidance.channels") as err:
-        CFG(1.5, channels=channels).start(ToyDenoiser(channels=4), torch.tensor([0]))
+        CFG(1.5, channels=channels).check(ToyDenoiser(channels=4))
     assert "\n" not in str(err.value)
     if where == "start":
         assert "4 channels" in str(err.value)

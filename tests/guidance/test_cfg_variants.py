@@ -96,7 +96,7 @@ def test_apg_equals_diffusers_original_formulation_over_steps_with_momentum():
     model = gmm.image(num_classes=3)
     labels = torch.tensor([0, 1, 2])
     ours = APG(4.0, eta=0.3, norm_threshold=2.5, momentum=-0.75)
-    ours.start(model, labels)
+    ours.begin(model, labels, [])
     guider = AdaptiveProjectedGuidance(guidance_scale=3.0, adaptive_projected_guidance_momentum=-0.75,
                                        adaptive_projected_guidance_rescale=2.5, eta=0.3,
                                        use_original_formulation=True)
@@ -126,7 +126,7 @@ def test_adaptive_switches_per_sample_once_predictions_agree(toy):
     guidance = AdaptiveGuidance(2.0, gamma=0.999)
     labels = torch.tensor([0, 2])
     x = torch.stack([torch.tensor([[[40.0, 50.0], [50.0, 50.0]]]), torch.tensor([[[-2.0, 0.0], [-2.0, 0.0]]])])
-    guidance.start(toy, labels)
+    guidance.begin(toy, labels, [])
     first = guidance(toy, x, 500, labels)
     assert first.nfe.tolist() == [2.0, 2.0]
     assert torch.allclose(first.eps[0], toy(x, 500, labels)[0])
@@ -147,7 +147,7 @@ def test_adaptive_in_x0_space_compares_the_denoised_estimates(toy):
     assert cos < 0.99  # far from the eps-space cosine: the test tells the two spaces apart
     for gamma, switched in ((cos - 1e-4, True), (min(cos + 1e-4, 1.0), False)):
         guidance = AdaptiveGuidance(2.0, gamma=gamma, space="x0")
-        guidance.start(toy, labels)
+        guidance.begin(toy, labels, [])
         guidance(toy, x, t, labels)
         assert bool(guidance._switched_off[0]) is switched
 

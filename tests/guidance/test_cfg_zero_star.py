@@ -10,7 +10,7 @@ from diffguide.samplers.ddim import DDIM
 def test_cfg_zero_star_by_hand(toy):
     x, labels, t = torch.tensor([[[[0.2, -0.4], [0.0, 0.6]]]]), torch.tensor([0]), 0
     guidance = CFGZeroStar(2.0, zero_init_steps=1)
-    guidance.start(toy, labels)
+    guidance.begin(toy, labels, [])
     first = guidance(toy, x, t, labels)
     assert torch.equal(first.eps, first.x0) and first.nfe == 0 and toy.calls == []
     eps_u, eps_c = 0.5 * x, 0.5 * x + 0.1  # t = 0, label 0: gap 0.1
@@ -25,7 +25,7 @@ def test_cfg_zero_star_equals_diffusers_over_steps(w, zero_steps):
     model = gmm.image(num_classes=3)
     labels = torch.tensor([0, 1, 2])
     ours = CFGZeroStar(w, zero_init_steps=zero_steps)
-    ours.start(model, labels)
+    ours.begin(model, labels, [])
     guider = ClassifierFreeZeroStarGuidance(guidance_scale=w, zero_init_steps=zero_steps)
     gen = torch.Generator().manual_seed(0)
     for step, t in enumerate([900, 600, 300, 100]):

@@ -5,8 +5,7 @@ import torch
 
 from diffguide.errors import UserError
 from diffguide.guidance.gfcg import GradientFreeClassifierGuidance
-from tests.conftest import ToyDenoiser
-from tests.guidance.conftest import LinearClassifier
+from tests.helpers import LinearClassifier, ToyDenoiser
 
 X = torch.tensor([[[[0.2, -0.3], [0.4, 0.1]]], [[[-0.5, 0.6], [0.0, 0.3]]]])
 LABELS = torch.tensor([0, 2])
@@ -15,8 +14,8 @@ LABELS = torch.tensor([0, 2])
 class WeakToy(ToyDenoiser):
     """eps = 0.4 x + 0.05 (y + 1) + t / 1000: another network on the same schedule."""
 
-    def _eps(self, x, t, labels):
-        return super()._eps(x, t, labels) - 0.1 * x - 0.05 * (labels.to(x.dtype).view(-1, 1, 1, 1) + 1)
+    def _output(self, x, t, labels):
+        return super()._output(x, t, labels) - 0.1 * x - 0.05 * (labels.to(x.dtype).view(-1, 1, 1, 1) + 1)
 
 
 def by_hand(toy, W, t, labels):
@@ -38,7 +37,7 @@ def test_guided_noise_by_hand(toy, linear, base, w, nfe):
     t, s = 500, 3.0
     weak = WeakToy() if base == "autoguidance" else None
     g = GradientFreeClassifierGuidance(linear, scale=s, base=base, base_scale=w, weak_model=weak)
-    g.start(toy, LABELS)
+    g.check(toy)
     pred = g(toy, X, t, LABELS)
     refs, ratios = by_hand(toy, linear.weight, t, LABELS)
     for i, (y, ref, ratio) in enumerate(zip(LABELS.tolist(), refs, ratios)):
@@ -60,7 +59,7 @@ def test_a_confident_classifier_leaves_the_base(toy):
     sure.weight[0] += 100.0 / 4 * torch.sign(torch.tensor([1.0, 1.0, 1.0, 1.0]))
     g = GradientFreeClassifierGuidance(sure, scale=5.0, base="none")
     x = torch.full((1, 1, 2, 2), 0.5)
-    g.start(toy, torch.tensor([0]))
+    g.check(toy)
     pred = g(toy, x, 10, torch.tensor([0]))
     assert torch.allclose(pred.eps, toy(x, 10, torch.tensor([0])), atol=1e-6)
 
@@ -73,4 +72,4 @@ def test_parameter_errors(linear, toy):
     with pytest.raises(UserError, match="weak model"):
         GradientFreeClassifierGuidance(linear, base="autoguidance")
     with pytest.raises(UserError, match="classes"):
-        GradientFreeClassifierGuidance(LinearClassifier(torch.zeros(5, 4))).start(toy, LABELS)
+        GradientFreeClassifierGuidance(LinearClassifier(torch.zeros(5, 4))).check(toy)

@@ -13,7 +13,7 @@ from diffguide.guidance.classifier import ClassifierGuidance
 from diffguide.guidance.offshelf import OffTheShelfGuidance
 from diffguide.guidance.universal import UniversalGuidance
 from diffguide.samplers.ddpm import DDPM
-from tests.guidance.conftest import W, LinearClassifier
+from tests.helpers import W, LinearClassifier
 
 
 class LinearNoisyClassifier(Classifier):
@@ -23,7 +23,7 @@ class LinearNoisyClassifier(Classifier):
         self.num_classes = 3
 
     def log_prob(self, x, t):
-        return torch.log_softmax(x.flatten(1) @ self.weight.T * (1 + t / 1000), dim=1)
+        return torch.log_softmax(x.flatten(1) @ self.weight.T * (1 + t.t / 1000), dim=1)
 
 
 GUIDANCES = {

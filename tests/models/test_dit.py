@@ -14,7 +14,7 @@ from diffguide.guidance.none import NoGuidance
 from diffguide.models import dit
 from diffguide.run import run
 from diffguide.samplers.ddpm import DDPM
-from tests.conftest import compose_run_config, learned_variance_step
+from tests.helpers import compose_run_config, learned_variance_step
 
 NUM_CLASSES = 1000
 

@@ -20,7 +20,7 @@ from diffguide.models import gmm
 from diffguide.samplers.ddim import DDIM
 from diffguide.samplers.ddpm import DDPM
 from diffguide.samplers.dpmpp_2m import DPMSolverPP2M
-from tests.conftest import ToyDenoiser, learned_variance_step
+from tests.helpers import ToyDenoiser, learned_variance_step
 
 
 @pytest.fixture
@@ -121,12 +121,12 @@ class LearnedVarianceToy(ToyDenoiser):
 
     def _output(self, x, t, labels):
         v = torch.where(labels == self.null_class, -1.0, 0.5).to(x.dtype).view(-1, 1, 1, 1).expand_as(x)
-        return torch.cat([self._eps(x, t, labels), v], 1)
+        return torch.cat([super()._output(x, t, labels), v], 1)
 
 
 class RecordingDDPM(DDPM):
-    def update(self, denoiser, x, t, t_next, pred, noise):
-        self.seen = getattr(self, "seen", []) + [(t, t_next, pred.log_variance)]
+    def update(self, denoiser, x, t, t_next, pred, noise, predict=None):
+        self.seen = getattr(self, "seen", []) + [(t.t, t_next.t, pred.log_variance)]
         return super().update(denoiser, x, t, t_next, pred, noise)
 
 
@@ -221,7 +221,7 @@ def test_classifier_guidance_moves_the_mean_by_the_learned_variance():
     # a class-conditional forward (conditional_model=true): v = 0.5, frac = 0.75, and the move follows it
     guidance = ClassifierGuidance(classifier, scale=s, conditional_model=True)
     pred, learned = learned_variance_step(sampler, toy, guidance, x, labels, timesteps, 1, lambda: torch.zeros_like(x))
-    no_score = sampler.update(toy, x, t, t_next, GuidedPrediction(pred.x0, pred.eps, 1, log_variance=pred.log_variance),
+    no_score = sampler.update(toy, x, toy.level(t), toy.level(t_next), GuidedPrediction(pred.x0, pred.eps, 1, log_variance=pred.log_variance),
                               noise=lambda: torch.zeros_like(x))
     variance = math.exp(0.75 * math.log(beta) + 0.25 * log_var)
     assert torch.allclose(learned - no_score, variance * s * classifier.grad_log_prob(x, t, labels), atol=1e-6)

@@ -1,0 +1,100 @@
+"""Every guidance method on both embedded model families, an eps-prediction UNet on DDPM's discrete schedule and a
+flow-matching UNet (velocity output, FlowMatchEuler's time), through `diffguide.run`, with the network evaluations
+its formula costs; and the families' end-to-end commands."""
+
+import pytest
+import torch
+
+from diffguide.config import CONF_DIR
+from diffguide.models import unet as unet_lib
+from diffguide.samplers.ddim import DDIM
+from tests.helpers import TINY_UNET
+
+STEPS = 3
+GUIDANCES = sorted(path.stem for path in (CONF_DIR / "guidance").glob("*.yaml"))
+FLOW_SCHEDULE = {"num_train_timesteps": 1000, "shift": 1.0}
+
+# network evaluations per step (cfg_zero_star: its zero-initialised first step costs nothing)
+PER_STEP = {"none": 1, "cfg": 2, "cfgpp": 2, "cfg_rescale": 2, "apg": 2, "adaptive": 2, "autoguidance": 2,
+            "classifier": 1, "offshelf": 1, "gfcg": 3, "universal": 2, "cfg_zero_star": 2, "cfg_interval": None}
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_path(tmp_path_factory):
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("models") / "tiny_flow.safetensors"
+    unet_lib.save(unet_lib.build(TINY_UNET, 10, FLOW_SCHEDULE, "flow"), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_noisy_path(tmp_path_factory):
+    from diffguide.classifiers import noisy as noisy_lib
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny_noisy.safetensors"
+    noisy_lib.save(noisy_lib.NoisyClassifier(channels=(8, 16), num_classes=10, groups=4), path,
+                   extra={"scheduler": {"num_train_timesteps": 1000, "beta_schedule": "linear"}})
+    return path
+
+
+def expected_nfe(name: str, model) -> int:
+    if name == "cfg_interval":  # 2 inside the default (0.19, 1.61] sigma interval, 1 outside
+        return sum(2 if 0.19 < level.sigma <= 1.61 else 1 for level in DDIM(STEPS).levels(model))
+    return PER_STEP[name] * STEPS - (2 if name == "cfg_zero_star" else 0)
+
+
+def test_the_table_has_every_method():
+    assert sorted(PER_STEP) == GUIDANCES
+
+
+@pytest.mark.parametrize("family", ["eps", "flow"])
+@pytest.mark.parametrize("name", GUIDANCES)
+def test_every_method_runs_on_both_model_families(run_diffguide, tmp_path, tiny_unet_path, tiny_flow_path,
+                                                  tiny_evaluator_path, tiny_noisy_path, name, family):
+    weights = tiny_flow_path if family == "flow" else tiny_unet_path
+    overrides = [f"model.weights={weights}", f"guidance={name}", f"steps={STEPS}"]
+    if name == "autoguidance":
+        overrides.append(f"guidance.weak_model.weights={weights}")
+    elif name == "gfcg":
+        overrides += [f"classifier.weights={tiny_evaluator_path}", f"guidance.weak_model.weights={weights}"]
+    elif name == "classifier":
+        overrides.append(f"classifier.weights={tiny_noisy_path}")
+    elif name in ("offshelf", "universal"):
+        overrides.append(f"classifier.weights={tiny_evaluator_path}")
+    if name == "adaptive":
+        overrides.append("guidance.gamma=1.0")  # a cosine never exceeds 1: guided at every step
+    result = run_diffguide(tmp_path / name, *overrides)
+    assert result["nfe"] == expected_nfe(name, unet_lib.load(str(weights)))
+    assert len(list((tmp_path / name / "samples").glob("*.png"))) == 6
+
+
+@pytest.mark.parametrize("sampler, per_step", [("euler", 2), ("heun", 4), ("euler_a", 2), ("dpmpp_2m_sde", 2)])
+def test_the_flow_model_samples_with_every_sigma_sampler(run_diffguide, tmp_path, tiny_flow_path, sampler, per_step):
+    """`python -m diffguide.run model=<flow model> sampler=euler guidance=cfg scale=2`, and heun: Heun evaluates
+    the guidance twice per step except on the last (to the data)."""
+    result = run_diffguide(tmp_path / sampler, f"model.weights={tiny_flow_path}", f"sampler={sampler}", "guidance=cfg",
+                           "scale=2", f"steps={STEPS}")
+    assert result["nfe"] == per_step * STEPS - (2 if sampler == "heun" else 0)
+
+
+def test_the_flow_model_loads_as_a_flow(tiny_flow_path):
+    model = unet_lib.load(str(tiny_flow_path))
+    assert model.parameterisation.name == "flow" and model.num_train_timesteps is None
+    first = DDIM(4).levels(model)[0]
+    assert (first.alpha, first.noise, first.t) == (0.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("name", GUIDANCES)
+def test_every_guidance_yaml_takes_the_scale(tmp_path, name):
+    """`scale=` reaches every method that has one: the YAML passes ${scale} through (none says it ignores it)."""
+    from hydra.utils import instantiate
+
+    from tests.helpers import compose_run_config
+
+    cfg = compose_run_config([f"guidance={name}", "scale=0.37"], tmp_path)
+    guidance = instantiate(cfg.guidance)
+    if name == "none":
+        assert guidance.scale is None and "Ignores `scale`" in (CONF_DIR / "guidance" / "none.yaml").read_text()
+    else:
+        assert guidance.scale == 0.37
