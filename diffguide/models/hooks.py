@@ -1,0 +1,195 @@
+"""Perturbed forwards of a model's own network, for guidance methods that contrast the network with a weakened
+copy of itself, without knowing the model family.
+
+A model family declares its perturbable modules (`Denoiser.blocks()` and `Denoiser.self_attention(block)`); a
+guidance method declares what to do to them (`Perturbation`) and runs its extra forward inside
+`model.perturbed(perturbation)`. Three kinds, those of diffusers' guiders:
+
+- attention_identity (PAG, Ahn et al. 2024, "Self-Rectifying Diffusion Sampling with Perturbed-Attention
+  Guidance"): the self-attention map of the chosen blocks is the identity, so the attention's output is its value
+  projection, then its output projection (diffusers' PAGIdentitySelfAttnProcessor2_0, perturbed path).
+- attention_blur (SEG, Hong 2024, "Smoothed Energy Guidance"): the queries of the chosen self-attentions are
+  Gaussian-blurred over the token grid; blur_sigma=inf (the default) replaces every query by their mean, i.e. a
+  uniform attention map.
+- skip_block (SLG / STG): the chosen blocks are skipped (each returns its input).
+
+The change is made with diffusers' hook machinery (`diffusers.hooks.HookRegistry`, the layer-skip hooks that
+diffusers' SkipLayerGuidance and PerturbedAttentionGuidance install in `prepare_models` and remove in
+`cleanup_models`) and leaves no trace: on exit, even through an exception, every module has the forward, the
+processor and the hook registry (none, where it had none) it had before. Parameters are never touched.
+"""
+
+import itertools
+import math
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks._helpers import AttentionProcessorRegistry, TransformerBlockRegistry
+from diffusers.hooks.layer_skip import AttentionProcessorSkipHook, TransformerBlockSkipHook
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from diffguide.errors import UserError
+
+KINDS = ("attention_identity", "attention_blur", "skip_block")
+
+_names = itertools.count()  # each context's hooks get their own name, so perturbations nest
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """What to do to the network: `kind` (one of KINDS) in the blocks `blocks` (indices into the model's
+    `blocks()`); `blur_sigma` is attention_blur's Gaussian width in tokens (inf: the mean query)."""
+
+    kind: str
+    blocks: tuple[int, ...]
+    blur_sigma: float = math.inf
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise UserError(f"unknown network perturbation {self.kind!r}: choose one of {', '.join(KINDS)}")
+        blocks = (self.blocks,) if isinstance(self.blocks, int) else tuple(dict.fromkeys(int(k) for k in self.blocks))
+        if not blocks:
+            raise UserError(f"perturbation {self.kind} needs at least one block index")
+        object.__setattr__(self, "blocks", blocks)
+        if self.kind == "attention_blur" and not float(self.blur_sigma) > 0:
+            raise UserError(f"attention_blur needs blur_sigma > 0 (inf: uniform attention); got {self.blur_sigma}")
+        object.__setattr__(self, "blur_sigma", float(self.blur_sigma))
+
+
+def self_attention_layers(*parts: nn.Module | None) -> list[nn.Module]:
+    """The diffusers self-attention layers (`Attention`, not cross-attention) inside `parts`, in the order given
+    (e.g. a UNet's down blocks, mid block, up blocks: its forward order); None parts are passed over."""
+    return [m for part in parts if part is not None for m in part.modules()
+            if isinstance(m, Attention) and not m.is_cross_attention]
+
+
+class QueryBlurHook(ModelHook):
+    """SEG's query blur as a diffusers hook on an attention's `to_q`, written here because diffusers' own
+    (diffusers/hooks/smoothed_energy_guidance_utils.py, 0.42.1: SmoothedEnergyGuidanceHook / _gaussian_blur_2d) has
+    its two branches swapped: a finite sigma gives the mean query and sigma=inf raises OverflowError in
+    math.ceil(6 * inf) (huggingface/diffusers PR #14187, open). As SEG-SDXL's pipeline_seg.py: kernel size
+    ceil(6 sigma) rounded up to odd, reflect padding; the kernel is clamped to the grid, as diffusers does."""
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        self.sigma = sigma
+
+    def post_forward(self, module: nn.Module, output: torch.Tensor) -> torch.Tensor:
+        if math.isinf(self.sigma):  # uniform attention: every query is the mean query (any token layout)
+            return output.mean(dim=1, keepdim=True).expand_as(output)
+        batch, tokens, dim = output.shape
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise UserError(f"attention_blur with a finite blur_sigma needs a square token grid; this attention has "
+                            f"{tokens} tokens (blur_sigma=inf works on any)")
+        size = math.ceil(6 * self.sigma) + 1 - math.ceil(6 * self.sigma) % 2
+        size = min(size, side - (side % 2 - 1))
+        x = torch.linspace(-(size - 1) / 2, (size - 1) / 2, size, device=output.device)
+        kernel = torch.exp(-0.5 * (x / self.sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        kernel = (kernel[:, None] * kernel[None, :]).to(output.dtype).expand(dim, 1, size, size)
+        grid = F.pad(output.transpose(1, 2).reshape(batch, dim, side, side), [size // 2] * 4, mode="reflect")
+        return F.conv2d(grid, kernel, groups=dim).reshape(batch, dim, tokens).transpose(1, 2)
+
+
+def _skip_output_fn(attention: nn.Module, what: str):
+    """diffusers' layer-skip metadata for this attention's processor (it knows which processors compute attention
+    through scaled_dot_product_attention, the call the identity hook intercepts)."""
+    try:
+        return AttentionProcessorRegistry.get(type(attention.processor)).skip_processor_output_fn
+    except ValueError:
+        raise UserError(f"{what}: diffusers' layer skip does not know its attention processor "
+                        f"{type(attention.processor).__name__}") from None
+
+
+def _hooks(modules: Sequence[tuple[nn.Module, nn.Module | None]], perturbation: Perturbation, name: str):
+    """(module, hook) pairs to install, every module checked before anything is installed."""
+    n = len(modules)
+    if not n:
+        raise UserError(f"{perturbation.kind} guidance needs a network with self-attention blocks; model {name} "
+                        f"has none")
+    pairs = []
+    for k in perturbation.blocks:
+        if not 0 <= k < n:
+            raise UserError(f"{perturbation.kind}: block {k} is out of range; model {name} has {n} blocks (0..{n - 1})")
+        block, attention = modules[k]
+        what = f"{perturbation.kind} in block {k} of model {name}"
+        if perturbation.kind == "skip_block":
+            try:  # a transformer block diffusers knows how to skip (it returns its hidden_states input)
+                TransformerBlockRegistry.get(type(block))
+                pairs.append((block, TransformerBlockSkipHook(dropout=1.0)))
+            except ValueError:
+                if not isinstance(block, Attention):
+                    raise UserError(f"{what}: diffusers cannot skip a {type(block).__name__}") from None
+                # a block that is an attention layer itself (a UNet's): skipping it returns its input
+                pairs.append((block, AttentionProcessorSkipHook(_skip_output_fn(block, what), dropout=1.0)))
+            continue
+        if attention is None:
+            raise UserError(f"{what}: the block has no self-attention")
+        if perturbation.kind == "attention_identity":
+            # diffusers' PAG: scaled_dot_product_attention(q, k, v) returns v (layer_skip.py,
+            # AttentionScoreSkipFunctionMode), so the processor's norms, output projection and residual still apply
+            pairs.append((attention, AttentionProcessorSkipHook(_skip_output_fn(attention, what),
+                                                                skip_attention_scores=True)))
+        else:
+            if not isinstance(getattr(attention, "to_q", None), nn.Linear):
+                raise UserError(f"{what}: the attention has no to_q projection to blur")
+            pairs.append((attention.to_q, QueryBlurHook(perturbation.blur_sigma)))
+    return pairs
+
+
+def _install(module: nn.Module, hook: ModelHook, hook_name: str):
+    """Register `hook` on `module`; the returned record undoes it (also when the registration itself fails)."""
+    record = (module, "_diffusers_hook" in module.__dict__, module.__dict__.get("forward", _MISSING), hook_name)
+    try:
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, hook_name)
+    except BaseException:
+        _uninstall(record)
+        raise
+    return record
+
+
+def _uninstall(record) -> None:
+    """Remove the hook, then what diffusers' remove_hook leaves behind: the registry it created and the instance
+    attribute `forward` it sets (the module's class forward is then its forward again)."""
+    module, had_registry, forward, hook_name = record
+    registry = module.__dict__.get("_diffusers_hook")
+    if registry is None:
+        return
+    registry.remove_hook(hook_name, recurse=False)
+    if registry.hooks:
+        return
+    if not had_registry:
+        del module._diffusers_hook
+    if forward is _MISSING:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = forward
+
+
+def perturbed(modules: Sequence[tuple[nn.Module, nn.Module | None]], perturbation: Perturbation,
+              name: str = "network") -> AbstractContextManager[None]:
+    """A context manager within which the network whose blocks are `modules` ((block, its self-attention or None)
+    pairs, in the order `perturbation.blocks` indexes) runs perturbed; on exit it is as it was. Raises here, at the
+    call, before anything is changed, a one-line UserError for a network without blocks or a bad block index
+    (`name` names the model in it)."""
+    pairs = _hooks(list(modules), perturbation, name)
+    return _installed(pairs, f"diffguide_{perturbation.kind}_{next(_names)}")
+
+
+@contextmanager
+def _installed(pairs: list[tuple[nn.Module, ModelHook]], hook_name: str) -> Iterator[None]:
+    installed = []
+    try:
+        for module, hook in pairs:
+            installed.append(_install(module, hook, hook_name))
+        yield
+    finally:
+        for record in reversed(installed):
+            _uninstall(record)
