@@ -1,7 +1,10 @@
-"""Train the embedded Fashion-MNIST networks: `python -m diffguide.train train=fmnist_unet|fmnist_evaluator`."""
+"""Train the embedded Fashion-MNIST networks: `python -m diffguide.train train=NAME` runs the trainer that
+conf/train/NAME.yaml names by `_target_` (train_unet, train_evaluator or train_noisy_classifier)."""
 
 import copy
+import inspect
 import json
+import logging
 import math
 import os
 import platform
@@ -12,6 +15,7 @@ from pathlib import Path
 import hydra
 import torch
 import torch.nn.functional as F
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from diffguide import checkpoint
@@ -19,8 +23,8 @@ from diffguide.classifiers import noisy as noisy_lib
 from diffguide.config import CONF_DIR, register
 from diffguide.data import fashion_mnist
 from diffguide.errors import UserError
-from diffguide.metrics import evaluator as evaluator_lib
 from diffguide.models import unet as unet_lib
+from diffguide.networks import evaluator as evaluator_lib
 from diffguide.runtime import resolve_device, resolve_precision
 
 
@@ -56,10 +60,7 @@ def diffusion_loss(model: unet_lib.UNetDenoiser, x0: torch.Tensor, labels: torch
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     drop = torch.rand(batch, generator=generator).to(x0.device) < label_dropout
     labels = torch.where(drop, torch.full_like(labels, model.null_class), labels)
-    autocast = model.autocast_dtype
-    with torch.autocast(x0.device.type, dtype=autocast, enabled=autocast is not None):
-        eps = model._eps(x_t, t, labels)
-    return F.mse_loss(eps.float(), noise)
+    return F.mse_loss(model.network_output(x_t, t, labels).float(), noise)
 
 
 def flow_loss(model: unet_lib.UNetDenoiser, x0: torch.Tensor, labels: torch.Tensor, label_dropout: float,
@@ -74,72 +75,90 @@ def flow_loss(model: unet_lib.UNetDenoiser, x0: torch.Tensor, labels: torch.Tens
     x_t = (1 - tau_b) * x0 + tau_b * noise
     drop = torch.rand(batch, generator=generator).to(x0.device) < label_dropout
     labels = torch.where(drop, torch.full_like(labels, model.null_class), labels)
-    autocast = model.autocast_dtype
-    with torch.autocast(x0.device.type, dtype=autocast, enabled=autocast is not None):
-        v = model.unet(x_t, tau * 1000, class_labels=labels).sample
-    return F.mse_loss(v.float(), noise - x0)
+    return F.mse_loss(model.network_output(x_t, tau, labels).float(), noise - x0)
 
 
-def train_unet(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-               log=print, model: unet_lib.UNetDenoiser | None = None) -> tuple[unet_lib.UNetDenoiser, dict]:
-    """Train (from `model`, or from a fresh network built from cfg.unet); returns the EMA model and its stats."""
-    torch.manual_seed(cfg.seed)
+def _stats(losses: list[float], steps: int, wall: float, device: torch.device, parameters) -> dict:
+    tail = losses[-min(len(losses), 100):]
+    return {"steps": steps, "final_loss": sum(tail) / len(tail), "first_loss": losses[0], "wall_time_s": round(wall, 1),
+            "hardware": _hardware(device), "parameters": sum(p.numel() for p in parameters)}
+
+
+def _train_loop(cfg: DictConfig, parameters, batch_loss, device: torch.device, log=print, *,
+                clip_grad_norm: float | None = None, after_step=None, save_checkpoint=None,
+                checkpoint_every: int = 0) -> dict:
+    """The loop every trainer shares: cfg.steps AdamW steps (cfg.lr, cfg.weight_decay) on `parameters` under the
+    warm-up + cosine schedule `_lr`, the loss of each step `batch_loss(generator)` (the generator seeded from cfg.seed
+    draws the batches), the mean loss logged every cfg.log_every steps. The differences between recipes are the
+    arguments: `clip_grad_norm` clips the gradients' norm before the step, `after_step(step)` runs after it (an EMA
+    update), `save_checkpoint(stats)` every `checkpoint_every` steps but the last. Returns the training stats."""
+    parameters = list(parameters)
     generator = torch.Generator().manual_seed(cfg.seed)
-    if model is None:
-        model = unet_lib.build(OmegaConf.to_container(cfg.unet), cfg.num_classes,
-                               OmegaConf.to_container(cfg.scheduler))
-    model = model.to(device).train().requires_grad_(True)
-    model.set_precision(resolve_precision(cfg.precision))
-    ema = copy.deepcopy(model.unet).requires_grad_(False)
-    opt = torch.optim.AdamW(model.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    x_all = to_model_range(images)
-    loss_fn = flow_loss if cfg.get("parameterisation", "eps") == "flow" else diffusion_loss
+    opt = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses, start = [], time.time()
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg.steps, cfg.lr, cfg.warmup_steps)
-        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=generator)
-        loss = loss_fn(model, x_all[idx].to(device), labels[idx].to(device), cfg.label_dropout, generator)
+        loss = batch_loss(generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.unet.parameters(), 1.0)
+        if clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
         opt.step()
-        # EMA with a warm-up so that a short run still averages over its own steps only.
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.unet.parameters()):
-                p_ema.lerp_(p, 1 - decay)
+        if after_step is not None:
+            after_step(step)
         losses.append(loss.item())
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
             log(f"step {step + 1}/{cfg.steps} loss {recent:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{time.time() - start:.0f}s")
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save_unet(model, ema, cfg, step + 1, losses, time.time() - start, device)
-    stats = _save_unet(model, ema, cfg, cfg.steps, losses, time.time() - start, device)
+        if save_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(_stats(losses, step + 1, time.time() - start, device, parameters))
+    return _stats(losses, cfg.steps, time.time() - start, device, parameters)
+
+
+def train_unet(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+               test: tuple[torch.Tensor, torch.Tensor] | None = None, log=print,
+               model: unet_lib.UNetDenoiser | None = None) -> tuple[unet_lib.UNetDenoiser, dict]:
+    """Train (from `model`, or from a fresh network built from cfg.unet); returns the EMA model and its stats.
+    `test` is accepted for the trainers' common signature and not used."""
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model = unet_lib.build(OmegaConf.to_container(cfg.unet), cfg.num_classes,
+                               OmegaConf.to_container(cfg.scheduler), cfg.get("parameterisation", "eps"))
+    model = model.to(device).train().requires_grad_(True)
+    model.set_precision(resolve_precision(cfg.precision))
+    ema = copy.deepcopy(model.unet).requires_grad_(False)
+    x_all = to_model_range(images)
+    loss_fn = flow_loss if cfg.get("parameterisation", "eps") == "flow" else diffusion_loss
+
+    def batch_loss(generator):
+        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=generator)
+        return loss_fn(model, x_all[idx].to(device), labels[idx].to(device), cfg.label_dropout, generator)
+
+    def update_ema(step):
+        # EMA with a warm-up so that a short run still averages over its own steps only.
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.unet.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+
+    stats = _train_loop(cfg, model.unet.parameters(), batch_loss, device, log, clip_grad_norm=1.0,
+                        after_step=update_ema, save_checkpoint=lambda stats: _save_unet(model, ema, cfg, stats),
+                        checkpoint_every=cfg.checkpoint_every)
+    _save_unet(model, ema, cfg, stats)
     model.unet.load_state_dict(ema.state_dict())
     return model, stats
 
 
-def _family(cfg: DictConfig) -> dict:
-    """What a checkpoint records of the model family beyond the network: a flow model its parameterisation and its
-    own time grid's config (not the DDPM schedule the training network was wrapped in)."""
-    if cfg.get("parameterisation", "eps") == "eps":
-        return {}
-    return {"parameterisation": cfg.parameterisation, "scheduler": OmegaConf.to_container(cfg.scheduler)}
-
-
-def _save_unet(model, ema, cfg, step, losses, wall, device) -> dict:
-    tail = losses[-min(len(losses), 100):]
-    stats = {"steps": step, "final_loss": sum(tail) / len(tail), "first_loss": losses[0], "wall_time_s": round(wall, 1),
-             "hardware": _hardware(device), "parameters": sum(p.numel() for p in ema.parameters())}
+def _save_unet(model, ema, cfg, stats) -> None:
+    """Write the EMA network (not the live one) to cfg.out."""
     live = model.unet
     model.unet = ema
     try:
-        unet_lib.save(model, Path(cfg.out), extra={"training": stats, **_family(cfg)})
+        unet_lib.save(model, Path(cfg.out), extra={"training": stats})
     finally:
         model.unet = live
-    return stats
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -161,32 +180,20 @@ def accuracy(model: evaluator_lib.Evaluator, images: torch.Tensor, labels: torch
 
 def _train_classifier(cfg: DictConfig, model: torch.nn.Module, device: torch.device, draw_batch, forward,
                       log=print) -> dict:
-    """The cross-entropy loop both classifiers share: `draw_batch(generator)` gives (inputs, labels) on the CPU,
-    `forward(*inputs)` the logits. Returns the training stats."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """Cross-entropy training of either classifier in the shared loop: `draw_batch(generator)` gives (inputs, labels)
+    on the CPU, `forward(*inputs)` the logits (under autocast in cfg.precision). Returns the training stats."""
     dtype = resolve_precision(cfg.precision)
-    losses, start = [], time.time()
-    model.train()
-    for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+
+    def batch_loss(generator):
         inputs, targets = draw_batch(generator)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = forward(*(x.to(device) for x in inputs))
-        loss = F.cross_entropy(logits.float(), targets.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            log(f"step {step + 1}/{cfg.steps} loss {sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]):.4f} "
-                f"{time.time() - start:.0f}s")
+        return F.cross_entropy(logits.float(), targets.to(device))
+
+    model.train()
+    stats = _train_loop(cfg, model.parameters(), batch_loss, device, log)
     model.eval()
-    tail = losses[-min(len(losses), 100):]
-    return {"steps": cfg.steps, "final_loss": sum(tail) / len(tail), "first_loss": losses[0],
-            "wall_time_s": round(time.time() - start, 1), "hardware": _hardware(device),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return stats
 
 
 def train_evaluator(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
@@ -254,6 +261,29 @@ def write_card(cfg: DictConfig, stats: dict) -> Path:
     return card
 
 
+def resolve_trainer(tcfg: DictConfig):
+    """The function train._target_ names; a missing one, one that cannot be imported or one that does not take a
+    trainer's arguments (cfg, images, labels, device, test=, log=) is a UserError."""
+    target = tcfg.get("_target_")
+    if not target:
+        raise UserError("train._target_ is missing: name the trainer, e.g. train._target_=diffguide.train.train_unet")
+    hydra_log = logging.getLogger("hydra.utils")  # get_method logs a failure over lines: the UserError is one line
+    disabled, hydra_log.disabled = hydra_log.disabled, True
+    try:
+        trainer = get_method(str(target))
+    except (ImportError, AttributeError, ValueError):
+        raise UserError(f"train._target_={target} cannot be imported: name a trainer such as "
+                        f"diffguide.train.train_unet, train_evaluator or train_noisy_classifier") from None
+    finally:
+        hydra_log.disabled = disabled
+    try:
+        inspect.signature(trainer).bind(tcfg, None, None, None, test=None, log=print)
+    except (TypeError, ValueError):
+        raise UserError(f"train._target_={target} is not a trainer: a trainer takes "
+                        f"(cfg, images, labels, device, test=None, log=print)") from None
+    return trainer
+
+
 register()
 
 
@@ -261,20 +291,17 @@ register()
 def main(cfg: DictConfig) -> None:
     try:
         tcfg = cfg.train
+        trainer = resolve_trainer(tcfg)
         device = resolve_device(cfg.device)
         resolve_precision(tcfg.precision)
         if tcfg.steps < 1 or tcfg.batch_size < 1:
             raise UserError(f"train.steps and train.batch_size must be >= 1 (got {tcfg.steps}, {tcfg.batch_size})")
         images, labels = fashion_mnist.load("train")
+        test = fashion_mnist.load("test")
     except UserError as exc:
         print(f"diffguide: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    if tcfg.kind == "unet":
-        _, stats = train_unet(tcfg, images, labels, device)
-    elif tcfg.kind == "noisy_classifier":
-        _, stats = train_noisy_classifier(tcfg, images, labels, device, test=fashion_mnist.load("test"))
-    else:
-        _, stats = train_evaluator(tcfg, images, labels, device, test=fashion_mnist.load("test"))
+    _, stats = trainer(tcfg, images, labels, device, test=test)
     print(json.dumps(stats))
     print(f"wrote {tcfg.out} and {write_card(tcfg, stats)}")
 
