@@ -41,6 +41,10 @@ def tiny_noisy_path(tmp_path_factory):
 def expected_nfe(name: str, model) -> int:
     if name == "cfg_interval":  # 2 inside the default (0.19, 1.61] sigma interval, 1 outside
         return sum(2 if 0.19 < level.sigma <= 1.61 else 1 for level in DDIM(STEPS).levels(model))
+    if name == "universal" and model.parameterisation.name == "flow":
+        # TFG's rho schedule ("increase") is a_t / a_next: 0 at a flow model's pure noise (tau = 1, a = 0), where
+        # the variance guidance, and its backward pass, are skipped
+        return PER_STEP[name] * STEPS - 1
     return PER_STEP[name] * STEPS - (2 if name == "cfg_zero_star" else 0)
 
 

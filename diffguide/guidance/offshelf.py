@@ -78,11 +78,11 @@ class OffTheShelfGuidance(Guidance):
     def check(self, denoiser):
         self.check_classes(self.classifier, denoiser)
         self.classifier.attach(denoiser)
-        if not self.levels and denoiser.num_train_timesteps is None:
-            raise UserError("guidance=offshelf on a continuous-time model needs the sampler's levels (begin)")
 
     def reset(self, denoiser, labels):
         self.check(denoiser)
+        if not self.levels and denoiser.num_train_timesteps is None:
+            raise RuntimeError("guidance=offshelf on a continuous-time model needs the sampler's levels (begin)")
         # the x0 estimate the gradient is taken at is clipped to the data range (EluCD: clip_denoised)
         self._data_range = denoiser.data_range if self.path == "ddpm" else None
         # Sigma_t of each step: the sampler's trajectory when it has announced one (begin), else the full chain.

@@ -133,5 +133,8 @@ class UniversalGuidance(Guidance):
                 z = z + mu * grad.detach()
         # TFG steps from the clipped x0 with the eps consistent with it, then adds the two moves.
         eps = denoiser.eps_from_x0(x, t, x0) if lo_hi is not None else eps
-        offset = (z - x0) + delta_t / denoiser.level(t).alpha
+        # the variance guidance's move of x_t seen in x0 (delta_t / alpha); none where alpha = 0 (a flow model's pure
+        # noise at tau = 1, whose x0 estimate no move of x_t changes in this sense)
+        alpha = denoiser.level(t).alpha
+        offset = (z - x0) + (delta_t / alpha if alpha > 0 else 0.0)
         return GuidedPrediction(x0, eps, nfe, consistent=True, x0_offset=offset)
