@@ -29,8 +29,6 @@ from diffguide.errors import UserError
 #: instantiate's own keys, never constructor arguments
 _INSTANTIATE_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 GROUPS = ("model", "sampler", "guidance", "classifier", "metric", "logger")
-#: the output folder of the last point checked, for errors raised before Hydra has set up the job
-CHECKED: dict[str, str] = {}
 
 
 def sweep_points(overrides: list[str], multirun: bool) -> list[tuple[str, list[str]]]:
@@ -186,8 +184,9 @@ def check_writable(folder: Path, key: str) -> None:
         raise UserError(f"{key}={folder} cannot be used as the output folder: {why}") from None
 
 
-def check_point(overrides: list[str], multirun: bool) -> None:
-    """Compose one point and run every check that needs no model: raises UserError with one line."""
+def check_point(overrides: list[str], multirun: bool) -> str:
+    """Compose one point and run every check that needs no model: raises UserError with one line. Returns the point's
+    output folder (the sweep's, for `-m`)."""
     from diffguide.run import validate  # the run's own range checks
 
     try:
@@ -205,20 +204,21 @@ def check_point(overrides: list[str], multirun: bool) -> None:
         raise UserError(describe(exc, overrides)) from None
     # The default run folder is named by the clock; check its parent, which Hydra's folder will be made in.
     explicit = OmegaConf.select(cfg, "out_dir") is not None
-    CHECKED["folder"] = str(folder)
     check_writable(Path(folder) if explicit else Path(folder).parent, "out_dir" if explicit else "the output folder")
+    return str(folder)
 
 
-def precheck(overrides: list[str], multirun: bool) -> list[str]:
-    """One line per bad point of the command (empty: all good)."""
+def precheck(overrides: list[str], multirun: bool) -> tuple[list[str], str | None]:
+    """One line per bad point of the command (empty: all good), and the output folder of the last point checked (for
+    an error raised before Hydra has set up the job; None when no point got that far)."""
     try:
         points = sweep_points(overrides, multirun)
     except Exception as exc:
-        return [describe(exc, overrides)]
-    problems = []
+        return [describe(exc, overrides)], None
+    problems, folder = [], None
     for name, point in points:
         try:
-            check_point(point, multirun)
+            folder = check_point(point, multirun)
         except UserError as exc:
             problems.append(f"{name}: {_first_line(exc)}" if name else _first_line(exc))
-    return problems
+    return problems, folder

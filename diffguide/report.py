@@ -20,27 +20,22 @@ import math
 import sys
 from pathlib import Path
 
+from diffguide import results
 from diffguide.checkpoint import atomic_write_bytes, atomic_write_text
 
 FIXED = ["guidance", "scale", "sampler", "steps", "status", "reason", "nfe", "num_samples"]
 
 
 def collect(sweep: Path) -> list[dict]:
+    """One row per point under `sweep` (its report folder left out): the finished ones, then the failed ones."""
     rows = []
-    for path in sorted(sweep.rglob("metrics.json")):
-        if "report" in path.relative_to(sweep).parts:
-            continue
-        result = json.loads(path.read_text())
-        row = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
-        guidance_cfg = (result.get("config") or {}).get("guidance") or {}
-        rows.append({**row, "status": "done", "reason": "", "job": str(path.parent.relative_to(sweep)),
-                     "_settings": {k: v for k, v in guidance_cfg.items() if k not in ("scale", "_target_")}})
-    for path in sorted(sweep.rglob("failed.json")):
-        if (path.parent / "metrics.json").exists():
-            continue  # failed once, finished on a later attempt
-        failure = json.loads(path.read_text())
-        rows.append({**{k: v for k, v in failure.items() if not isinstance(v, (dict, list))}, "status": "failed",
-                     "job": str(path.parent.relative_to(sweep))})
+    for point in results.read(sweep, skip=frozenset({"report"})):
+        row = {k: v for k, v in point.record.items() if not isinstance(v, (dict, list))}
+        row.update(status=point.status, job=str(point.folder.relative_to(sweep)))
+        if point.status == "done":
+            guidance_cfg = (point.record.get("config") or {}).get("guidance") or {}
+            row.update(reason="", _settings={k: v for k, v in guidance_cfg.items() if k not in ("scale", "_target_")})
+        rows.append(row)
     return rows
 
 
@@ -165,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = collect(args.sweep)
     if not rows:
-        print(f"error: no metrics.json or failed.json under {args.sweep}", file=sys.stderr)
+        print(f"error: no {results.METRICS} or {results.FAILED} under {args.sweep}", file=sys.stderr)
         return 2
     for row in rows:
         row["_dir"] = str(args.sweep / row["job"])

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -26,18 +27,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra._internal.utils import get_args_parser
 from hydra.errors import HydraException, InstantiationException
 from hydra.types import RunMode
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from tqdm import tqdm
 
-from diffguide import checkpoint, cli, distributed
+from diffguide import checkpoint, cli, distributed, results
 from diffguide.distributed import Shard
+from diffguide.fingerprint import dependency_files, fingerprint
+from diffguide.generate import generate
 from diffguide.logging.base import NoLogger
 from diffguide.config import CONF_DIR, register
 from diffguide.errors import UserError
 from diffguide.runtime import resolve_device, resolve_precision
-from diffguide.samples import SampleStore, initial_noise, labels_for, run_digest, to_uint8
+from diffguide.samples import SampleStore, labels_for, run_digest
 
 register()
 SEED_MAX = 2 ** 64 - 1
@@ -69,144 +71,48 @@ def _instantiate(node):
         raise
 
 
-#: paths in a config that a run writes to rather than reads from
-_NOT_INPUTS = {"cache_root"}
-
-
-def dependency_files(node, prefix: str) -> dict[str, str]:
-    """config key -> path, for every value under `node` that names an existing file or folder (weights, a weak model,
-    a classifier, a hub folder): what the images depend on besides the settings themselves."""
-    found = {}
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key not in _NOT_INPUTS:
-                found.update(dependency_files(value, f"{prefix}.{key}"))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            found.update(dependency_files(value, f"{prefix}.{i}"))
-    elif isinstance(node, str) and node and (Path(node).is_file() or ("/" in node and Path(node).is_dir())):
-        found[prefix] = node  # a folder only when written as a path: a bare word may match a folder by chance
-    return found
-
-
-#: Keys added to a group after samples were first recorded, with the default that reproduces the images made before
-#: they existed: left out of the fingerprint at that default, so that a folder made before them still resumes (its
-#: sampling.json and every sample's `run` digest stay what they were).
-ADDED_KEYS = {("sampler", "variance"): "fixed_small", ("guidance", "channels"): None}
-
-
-def revision(node) -> int:
-    """The `revision` of the class a config node's `_target_` names (0 when it has none, or names a function): a
-    class raises it when a correction changes the images its unchanged settings make."""
-    target = node.get("_target_") if isinstance(node, dict) else None
-    if not isinstance(target, str):
-        return 0
-    try:
-        return int(getattr(get_class(target), "revision", 0))
-    except (ImportError, ValueError, AttributeError):
-        return 0
-
-
-def fingerprint(cfg: DictConfig) -> tuple[dict, dict[str, str]]:
-    """The settings an image depends on (not batch size, device split or sample count), with the content digest of
-    every file they name, and the code revision of the sampler and guidance where it is not 0; and those files'
-    paths by config key (to name the one that changed)."""
-    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    keys = ("model", "sampler", "guidance", "classifier", "seed", "precision")
-    fp = {key: resolved[key] for key in keys}
-    for (group, key), default in ADDED_KEYS.items():
-        if isinstance(fp[group], dict) and key in fp[group] and fp[group][key] == default:
-            fp[group] = {k: v for k, v in fp[group].items() if k != key}
-    for group in ("sampler", "guidance"):
-        code = revision(fp[group])
-        if code:
-            fp[group] = {**fp[group], "_revision": code}
-    files = {}
-    for key in ("model", "sampler", "guidance", "classifier"):
-        files.update(dependency_files(resolved[key], key))
-    fp["files"] = {key: checkpoint.path_digest(path) for key, path in sorted(files.items())}
-    return fp, files
-
-
-def job_identity(out_dir: Path) -> tuple[str, str | None]:
-    """A name for the job (its folder's) and, in a sweep, the group it belongs to (the sweep folder's name)."""
-    hc = HydraConfig.get()
-    return out_dir.name, Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
-
-
 class Progress:
     """What a Ctrl-C or a full disk reports: how many of the run's samples are on disk."""
 
-    store: SampleStore | None = None
-    total: int = 0
+    def __init__(self) -> None:
+        self.store: SampleStore | None = None
+        self.total = 0
 
-    @classmethod
-    def kept(cls) -> str:
-        if cls.store is None:
+    def kept(self) -> str:
+        if self.store is None:
             return "before sampling; nothing was written"
-        return f"{len(cls.store.existing() & set(range(cls.total)))} of {cls.total} samples kept in {cls.store.dir}"
+        return f"{len(self.store.existing() & set(range(self.total)))} of {self.total} samples kept in {self.store.dir}"
 
 
-def generate(cfg, denoiser, sampler, guidance, store: SampleStore, device, logger, shard: Shard = Shard()) -> dict:
-    missing = shard.mine(store.missing(cfg.num_samples))
-    batches = [missing[i:i + cfg.batch_size] for i in range(0, len(missing), cfg.batch_size)]
-    steps = len(sampler.timesteps(denoiser))
-    start = time.perf_counter()
-    done = 0
-    what = f"sampling {len(missing)} of {cfg.num_samples}" + (f" (rank {shard.rank})" if shard.world > 1 else "")
-    # A bar on a terminal only (disable=None): in logs and pipes it is noise, and stderr stays for what went wrong.
-    bar = tqdm(total=len(batches) * steps, desc=what, unit="step", disable=None if batches else True,
-               file=sys.stderr)
-    try:
-        def on_step(step: int, total: int) -> None:
-            bar.update(1)
-            logger.progress({"step": bar.n, "batch_step": step, "elapsed_s": time.perf_counter() - start})
+@dataclass
+class Session:
+    """What one command keeps over the points it runs (`entry` owns it): the points of its sweep that failed (a
+    multirun goes on past them), and the progress a Ctrl-C reports."""
 
-        for indices in batches:
-            x_T, generators = initial_noise(indices, cfg.seed, denoiser.sample_shape, device)
-            labels = labels_for(indices, denoiser.num_classes).to(device)
-            x0, nfe = sampler.sample(denoiser, guidance, x_T, labels, generators, on_step=on_step)
-            if not torch.isfinite(x0).all():
-                bad = [i for i, ok in zip(indices, torch.isfinite(x0).flatten(1).all(1).tolist()) if not ok]
-                raise UserError(f"sampling diverged to NaN/inf for {len(bad)} of {len(indices)} samples (first: "
-                                f"{bad[0]}); the guidance scale is likely too large. Nothing of this batch was written")
-            pixels = to_uint8(denoiser.decode(x0))
-            nfe_each = nfe.tolist() if torch.is_tensor(nfe) else [float(nfe)] * len(indices)
-            for index, image, label, sample_nfe in zip(indices, pixels, labels.tolist(), nfe_each):
-                try:
-                    store.write(index, image, {"seed": cfg.seed + index, "label": label, "nfe": sample_nfe,
-                                               "run": store.run_id})
-                except checkpoint.DiskFull as exc:
-                    left = len(missing) - done
-                    sizes = [p.stat().st_size for p in list(store.dir.glob("*.png"))[:100]] or [image.nbytes]
-                    raise checkpoint.DiskFull(f"{exc}; the {left} samples still to make need about "
-                                              f"{checkpoint.human_bytes(left * sum(sizes) / len(sizes))}") from None
-                done += 1
-            elapsed = time.perf_counter() - start
-            logger.progress({"step": bar.n, "images": cfg.num_samples - len(missing) + done,
-                             "images_per_s": done / elapsed})
-    except BaseException:
-        bar.leave = False  # what went wrong is the last word, not a half-finished bar
-        raise
-    finally:
-        bar.close()
-    wall = time.perf_counter() - start
-    return {"images_generated": done, "sampling_wall_s": round(wall, 3),
-            "images_per_s": round(done / wall, 3) if done else None}
+    failed: list[str] = field(default_factory=list)
+    progress: Progress = field(default_factory=Progress)
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, out_dir: Path | None = None, name: str | None = None, group: str | None = None,
+        progress: Progress | None = None) -> dict:
+    """One point: sample, then score. `out_dir`: its folder (Hydra's output_dir; by default `cfg.out_dir`, as a
+    caller composing the config itself sets it); `name`: the job's name (by default the folder's); `group`: in a
+    sweep, the sweep's name; `progress`: updated with what the run has on disk."""
     total_start = time.perf_counter()
     validate(cfg)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    if out_dir is None and cfg.out_dir is None:
+        raise ValueError("run() needs out_dir, or cfg.out_dir")
+    out_dir = Path(cfg.out_dir if out_dir is None else out_dir)
     shard, device = distributed.setup(resolve_device(cfg.device))
     try:
-        return _run(cfg, out_dir, shard, device, total_start)
+        return _run(cfg, out_dir, out_dir.name if name is None else name, group, progress or Progress(), shard,
+                    device, total_start)
     finally:
         distributed.teardown()
 
 
-def _run(cfg: DictConfig, out_dir: Path, shard: Shard, device: torch.device, total_start: float) -> dict:
+def _run(cfg: DictConfig, out_dir: Path, name: str, group: str | None, progress: Progress, shard: Shard,
+         device: torch.device, total_start: float) -> dict:
     if shard.world > 1 and cfg.out_dir is None:
         raise UserError(f"a run over {shard.world} processes needs out_dir= (every rank must write to the same "
                         f"folder, and the default one is named by each process's clock)")
@@ -220,7 +126,8 @@ def _run(cfg: DictConfig, out_dir: Path, shard: Shard, device: torch.device, tot
         sampler = _instantiate(cfg.sampler)
         sampler.check(denoiser)
         guidance = _instantiate(cfg.guidance)
-        guidance.start(denoiser, labels_for([0], denoiser.num_classes))
+        guidance.check(denoiser)
+        sampler.check(denoiser, guidance)
         metric = _instantiate(cfg.metric)
         metric.check(cfg.num_samples)
         settings, files = fingerprint(cfg)
@@ -249,24 +156,24 @@ def _run(cfg: DictConfig, out_dir: Path, shard: Shard, device: torch.device, tot
         raise problem
     if not shard.main:
         store.run_id = run_digest(settings)
-    Progress.store, Progress.total = store, cfg.num_samples
+    progress.store, progress.total = store, cfg.num_samples
     try:
-        return _sample_and_score(cfg, out_dir, shard, device, total_start, denoiser, sampler, guidance, metric,
-                                 store, settings["files"])
+        return _sample_and_score(cfg, out_dir, name, group, shard, device, total_start, denoiser, sampler, guidance,
+                                 metric, store, settings["files"])
     finally:
         store.release()
 
 
-def _sample_and_score(cfg, out_dir, shard, device, total_start, denoiser, sampler, guidance, metric, store,
-                      file_digests: dict[str, str]) -> dict:
+def _sample_and_score(cfg, out_dir, name, group, shard, device, total_start, denoiser, sampler, guidance, metric,
+                      store, file_digests: dict[str, str]) -> dict:
     logger = _instantiate(cfg.logger) if shard.main else NoLogger()
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if shard.main:
         checkpoint.atomic_write_text(out_dir / "config.resolved.yaml", OmegaConf.to_yaml(resolved))
-    name, group = job_identity(out_dir)
     logger.start(resolved, out_dir, name, group)
     try:
-        sampling = generate(cfg, denoiser, sampler, guidance, store, device, logger, shard)
+        sampling = generate(denoiser, sampler, guidance, store, device, logger, num_samples=cfg.num_samples,
+                            batch_size=cfg.batch_size, seed=cfg.seed, shard=shard)
         if shard.world > 1:
             # Scoring waits for every shard; the counts and the rate are those of the whole run.
             generated = int(shard.total(sampling["images_generated"]))
@@ -282,15 +189,14 @@ def _sample_and_score(cfg, out_dir, shard, device, total_start, denoiser, sample
         score_start = time.perf_counter()
         scores = metric(store.dir, [m["label"] for m in metas], device)
         metric_files = dependency_files(resolved["metric"], "metric") if isinstance(resolved["metric"], dict) else {}
-        result = {"guidance": guidance.name, "scale": guidance.scale, "sampler": sampler.name, "steps": cfg.steps,
-                  **scores, "nfe": sum(m["nfe"] for m in metas) / len(metas), "num_samples": cfg.num_samples,
-                  **sampling, "scoring_wall_s": round(time.perf_counter() - score_start, 3),
+        result = {**results.point(guidance.name, guidance.scale, sampler.name, cfg.steps), **scores,
+                  "nfe": sum(m["nfe"] for m in metas) / len(metas), "num_samples": cfg.num_samples, **sampling,
+                  "scoring_wall_s": round(time.perf_counter() - score_start, 3),
                   "wall_time_s": round(time.perf_counter() - total_start, 3), "device": str(device),
                   "files_sha256": {**file_digests,
                                    **{k: checkpoint.path_digest(p) for k, p in metric_files.items()}},
                   "config": resolved}
-        checkpoint.atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
-        (out_dir / "failed.json").unlink(missing_ok=True)  # an earlier attempt's failure is no longer true
+        results.write_metrics(out_dir, result)
     except BaseException:
         logger.finish({}, None)
         raise
@@ -299,76 +205,43 @@ def _sample_and_score(cfg, out_dir, shard, device, total_start, denoiser, sample
     return result
 
 
-#: points of this process's sweep that failed (a multirun goes on past them)
-FAILED: list[str] = []
-
-
-def record_failure(cfg: DictConfig, reason: str) -> None:
-    """failed.json beside the point's other files: what was asked and why it stopped, under the names metrics.json
-    uses (the method's own name, the scale it resolved to), so diffguide.report joins the two."""
-    try:
-        out_dir = Path(HydraConfig.get().runtime.output_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        target = OmegaConf.select(cfg, "guidance._target_", default="") or ""
-        try:
-            guidance_name = getattr(get_class(target), "name", None) or target.rsplit(".", 1)[-1]
-        except Exception:
-            guidance_name = target.rsplit(".", 1)[-1]
-        try:
-            scale = OmegaConf.select(cfg, "guidance.scale", default=None)
-        except OmegaConfBaseException:
-            scale = None
-        failure = {"guidance": guidance_name, "scale": scale,
-                   "sampler": (OmegaConf.select(cfg, "sampler._target_", default="") or "").rsplit(".", 1)[-1].lower(),
-                   "steps": OmegaConf.select(cfg, "steps", default=None), "reason": reason,
-                   "overrides": list(HydraConfig.get().overrides.task)}
-        checkpoint.atomic_write_text(out_dir / "failed.json", json.dumps(failure, indent=2))
-    except checkpoint.DiskFull:
-        pass  # the error about to be printed is this very lack of space
-    except Exception as exc:  # recording a failure must never hide the failure itself
-        print(f"diffguide: could not write failed.json: {exc}", file=sys.stderr)
-
-
-def _reason(exc: BaseException) -> str | None:
-    """One line for an error the user can fix, None for a programming error."""
+def _reason(exc: BaseException, folder: str) -> str | None:
+    """One line for an error the user can fix, None for a programming error. `folder`: the output folder, named when
+    the disk filled up and the error does not say where."""
     if isinstance(exc, UserError):
         return str(exc).splitlines()[0]
     if isinstance(exc, (OmegaConfBaseException, InstantiationException)):
         return cli.describe(exc)  # a value the config gave that the target's constructor refused
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        where = exc.filename
-        if where is None:
-            try:
-                where = HydraConfig.get().runtime.output_dir
-            except Exception:  # Hydra had not set up the job yet
-                where = cli.CHECKED.get("folder", "the output folder")
-        return f"no space left on the device of {where}"
+        return f"no space left on the device of {folder if exc.filename is None else exc.filename}"
     return None
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+def main(cfg: DictConfig, session: Session) -> None:
+    """The task Hydra runs for the point (or for each point of a sweep); the only reader of Hydra's view of the job."""
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    out_dir = Path(hc.runtime.output_dir)
     try:
-        run(cfg)
+        run(cfg, out_dir, out_dir.name, Path(hc.sweep.dir).name if multirun else None, session.progress)
     except KeyboardInterrupt:
         raise  # entry() says what was kept
     except Exception as exc:
         if _interrupted(exc):
             raise KeyboardInterrupt from None
-        reason = _reason(exc)
+        reason = _reason(exc, hc.runtime.output_dir)
         if reason is None:
             if not multirun:
                 raise
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     else:
         return
-    record_failure(cfg, reason)
+    results.record_failure(out_dir, cfg, reason, list(hc.overrides.task))
     print(f"diffguide: error: {reason}", file=sys.stderr)
     if not multirun:
         sys.exit(2)  # SystemExit passes Hydra by; an exception would add its "Error executing job" line
     # In a sweep, one bad point is recorded and the others still run; the process exits non-zero at the end.
-    FAILED.append(f"{HydraConfig.get().job.override_dirname or HydraConfig.get().runtime.output_dir}: {reason}")
+    session.failed.append(f"{hc.job.override_dirname or hc.runtime.output_dir}: {reason}")
 
 
 def entry(argv: list[str] | None = None) -> int:
@@ -385,10 +258,11 @@ def entry(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"diffguide: error: {exc}", file=sys.stderr)
         return 2
+    folder = None  # the output folder the checks found, named if the disk fills up before Hydra has set up the job
     plain = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.config_path
                  or args.config_name or args.config_dir or args.experimental_rerun)
     if plain:
-        problems = cli.precheck(args.overrides, args.multirun)
+        problems, folder = cli.precheck(args.overrides, args.multirun)
         for line in problems:
             print(f"diffguide: error: {line}", file=sys.stderr)
         if problems:
@@ -396,22 +270,30 @@ def entry(argv: list[str] | None = None) -> int:
         sys.argv = [sys.argv[0], *(["-m"] if args.multirun else []), *args.overrides]
     # Hydra's own reporting prints several lines; with HYDRA_FULL_ERROR its exceptions reach us instead.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    session = Session()
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def task(cfg: DictConfig) -> None:
+        main(cfg, session)
+
     try:
-        main()
+        task()
     except SystemExit:
         raise
     except BaseException as exc:
         if _interrupted(exc):
-            print(f"interrupted: {Progress.kept()}; run the same command to resume", file=sys.stderr)
+            print(f"interrupted: {session.progress.kept()}; run the same command to resume", file=sys.stderr)
             return 130
-        reason = _reason(exc) or (cli.describe(exc, args.overrides) if _from_config(exc) else None)
+        reason = _reason(exc, folder or "the output folder") or (cli.describe(exc, args.overrides)
+                                                                  if _from_config(exc) else None)
         if reason is None:
             raise
         print(f"diffguide: error: {reason}", file=sys.stderr)
         return 2
-    if FAILED:
-        print(f"diffguide: {len(FAILED)} point(s) of the sweep failed (failed.json in each):", file=sys.stderr)
-        for line in FAILED:
+    if session.failed:
+        print(f"diffguide: {len(session.failed)} point(s) of the sweep failed ({results.FAILED} in each):",
+              file=sys.stderr)
+        for line in session.failed:
             print(f"  {line}", file=sys.stderr)
         return 1
     return 0

@@ -96,6 +96,11 @@ def _settings_differ(out_dir: Path, previous: dict, fingerprint: dict, files: di
             f"{'; ...' if len(changed) > 3 else ''}); use another out_dir, or delete that folder to start over")
 
 
+def sample_path(folder: Path, index: int) -> Path:
+    """Sample `index`'s PNG in a samples folder (`SampleStore.dir`): the one naming every reader of samples uses."""
+    return Path(folder) / f"{index:06d}.png"
+
+
 class SampleStore:
     """`out_dir/samples/{i:06d}.png`, plus `out_dir/sampling.json`, the settings the images were made with.
 

@@ -18,7 +18,7 @@ from PIL import Image
 from diffguide import checkpoint
 from diffguide.errors import UserError
 from diffguide.models import unet as unet_lib
-from tests.conftest import ROOT, TINY_UNET, SCHEDULE
+from tests.helpers import ROOT, TINY_UNET, SCHEDULE
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
@@ -208,7 +208,7 @@ if moment == "replace":
         return real(src, dst, *a, **k)
     os.replace = replace
 else:
-    import diffguide.metrics.fidelity as fidelity
+    import diffguide.metrics.base as fidelity
     real_call = fidelity.FidelityMetric.__call__
     def call(self, *a, **k):
         os.kill(os.getpid(), sig); time.sleep(5)

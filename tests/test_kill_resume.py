@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.helpers import ROOT, run_cli
 
 
 def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_unet_path, tiny_evaluator_path,

@@ -93,7 +93,7 @@ def test_metrics_json_and_labels(run_diffguide, tmp_path, guidance, scale, nfe_p
 
 
 def test_the_scale_shortcut_reaches_the_guidance_and_null_means_its_default(tmp_path):
-    from tests.conftest import compose_run_config
+    from tests.helpers import compose_run_config
 
     assert compose_run_config(["guidance=cfgpp"], tmp_path).guidance.scale == 0.6
     assert compose_run_config(["guidance=cfg"], tmp_path).guidance.scale == 2.0
@@ -109,7 +109,7 @@ def test_written_files_are_readable_by_others(run_diffguide, tmp_path):
 
 
 def test_multirun_sweep_writes_one_folder_per_job(tiny_unet_path, tmp_path):
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     sweep = tmp_path / "sweep"
     proc = run_cli("diffguide.run", "-m", "guidance=cfg,cfgpp", "scale=0.5,1.5", f"model.weights={tiny_unet_path}",

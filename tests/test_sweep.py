@@ -4,7 +4,7 @@ non-zero at the end, and diffguide.report tabulates and plots what finished."""
 import csv
 import json
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_a_bad_point_is_recorded_and_the_sweep_finishes_then_reported(tiny_unet_path, tmp_path):
@@ -46,3 +46,25 @@ def test_report_draws_the_papers_plots_from_metrics(tmp_path):
     assert "config" not in rows[("cfg", "1.5")]
     for name in ("fid_vs_scale.png", "fid_vs_is.png", "precision_recall.png", "fid_vs_nfe.png"):
         assert (tmp_path / "report" / name).stat().st_size > 1000
+
+
+def test_results_name_finished_and_failed_points_alike_and_a_finish_clears_the_failure(tmp_path):
+    """failed.json names a point as metrics.json does (the method's own name, the resolved scale, the sampler, the
+    steps); a later finish removes it; the reader lists finished points, then failed ones, skipping what it is told."""
+    from omegaconf import OmegaConf
+
+    from diffguide import results
+
+    cfg = OmegaConf.create({"scale": 2.5, "steps": 4, "sampler": {"_target_": "diffguide.samplers.ddim.DDIM"},
+                            "guidance": {"_target_": "diffguide.guidance.cfg.CFG", "scale": "${scale}"}})
+    for job in ("a", "b"):
+        results.record_failure(tmp_path / job, cfg, "sampling diverged", ["scale=2.5"])
+    results.write_metrics(tmp_path / "b", {**results.point("cfg", 2.5, "ddim", 4), "nfe": 8.0})
+    results.write_metrics(tmp_path / "report" / "c", results.point("cfg", 1.0, "ddim", 4))
+    found = results.read(tmp_path, skip=frozenset({"report"}))
+    assert [(p.folder.name, p.status) for p in found] == [("b", "done"), ("a", "failed")]
+    assert not (tmp_path / "b" / results.FAILED).exists()
+    done, failed = (p.record for p in found)
+    shared = {"guidance": "cfg", "scale": 2.5, "sampler": "ddim", "steps": 4}
+    assert {k: failed[k] for k in done if k != "nfe"} == shared
+    assert failed["reason"] == "sampling diverged" and failed["overrides"] == ["scale=2.5"]

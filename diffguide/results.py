@@ -1,0 +1,80 @@
+"""A point's results on disk: metrics.json when it finished, failed.json when it stopped with an error.
+
+Both name the point the same way (the guidance method's own name, the scale it resolved to, the sampler and its
+steps), so that diffguide.report joins them; everything that writes or reads them goes through this module.
+"""
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from diffguide.atomic import DiskFull, atomic_write_text
+
+METRICS = "metrics.json"
+FAILED = "failed.json"
+
+
+def point(guidance: str, scale, sampler: str, steps) -> dict:
+    """The columns metrics.json and failed.json share: the method's name, its resolved scale, the sampler, steps."""
+    return {"guidance": guidance, "scale": scale, "sampler": sampler, "steps": steps}
+
+
+def write_metrics(out_dir: Path, result: dict) -> None:
+    """metrics.json of a finished point; a failed.json of an earlier attempt goes, as it is no longer true."""
+    atomic_write_text(Path(out_dir) / METRICS, json.dumps(result, indent=2))
+    (Path(out_dir) / FAILED).unlink(missing_ok=True)
+
+
+def _failure(cfg: DictConfig, reason: str, overrides: list[str]) -> dict:
+    """What a point asked for (read from its config: its objects may never have been made) and why it stopped."""
+    target = OmegaConf.select(cfg, "guidance._target_", default="") or ""
+    try:
+        guidance_name = getattr(get_class(target), "name", None) or target.rsplit(".", 1)[-1]
+    except Exception:
+        guidance_name = target.rsplit(".", 1)[-1]
+    try:
+        scale = OmegaConf.select(cfg, "guidance.scale", default=None)
+    except OmegaConfBaseException:
+        scale = None
+    sampler = (OmegaConf.select(cfg, "sampler._target_", default="") or "").rsplit(".", 1)[-1].lower()
+    return {**point(guidance_name, scale, sampler, OmegaConf.select(cfg, "steps", default=None)), "reason": reason,
+            "overrides": list(overrides)}
+
+
+def record_failure(out_dir: Path, cfg: DictConfig, reason: str, overrides: list[str]) -> None:
+    """failed.json in the point's folder `out_dir`: what was asked (`cfg`, the command's `overrides` for the point)
+    and why it stopped. Never raises: recording a failure must not hide the failure itself."""
+    try:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / FAILED, json.dumps(_failure(cfg, reason, overrides), indent=2))
+    except DiskFull:
+        pass  # the error about to be printed is this very lack of space
+    except Exception as exc:
+        print(f"diffguide: could not write {FAILED}: {exc}", file=sys.stderr)
+
+
+@dataclass
+class Recorded:
+    """One point's results: its folder, "done" (metrics.json) or "failed" (failed.json), and what the file holds."""
+
+    folder: Path
+    status: str
+    record: dict
+
+
+def read(root: Path, skip: frozenset[str] = frozenset()) -> list[Recorded]:
+    """Every point recorded under `root` (a sweep, or one run): each metrics.json, then each failed.json whose point
+    did not finish on a later attempt, in path order; folders named in `skip` (below `root`) are not looked into."""
+
+    def found(name: str) -> list[Path]:
+        return [p for p in sorted(Path(root).rglob(name)) if not skip & set(p.relative_to(root).parts)]
+
+    done = [Recorded(p.parent, "done", json.loads(p.read_text())) for p in found(METRICS)]
+    return done + [Recorded(p.parent, "failed", json.loads(p.read_text())) for p in found(FAILED)
+                   if not (p.parent / METRICS).exists()]
