@@ -14,7 +14,16 @@ from diffguide.samples import SampleStore, initial_noise, labels_for, to_uint8
 
 def step_count(sampler, denoiser) -> int:
     """The sampler's steps for this model (one tick of the progress bar each)."""
-    return len(sampler.timesteps(denoiser))
+    return len(sampler.levels(denoiser))
+
+
+def noise_levels(sampler, denoiser) -> dict:
+    """The trajectory on the common noise-level axis, for metrics.json: the EDM sigma of every step (the string
+    "inf" for a flow model's pure noise), the model's own time there, and the family's schedule."""
+    levels = sampler.levels(denoiser)
+    return {"schedule": type(denoiser.schedule).__name__, "parameterisation": denoiser.parameterisation.name,
+            "sigmas": [round(level.sigma, 6) if level.alpha > 0 else "inf" for level in levels],
+            "times": [level.t if isinstance(level.t, int) else round(level.t, 6) for level in levels]}
 
 
 def generate(denoiser, sampler, guidance, store: SampleStore, device, logger, *, num_samples: int, batch_size: int,

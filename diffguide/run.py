@@ -34,7 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 from diffguide import checkpoint, cli, distributed, results
 from diffguide.distributed import Shard
 from diffguide.fingerprint import dependency_files, fingerprint
-from diffguide.generate import generate
+from diffguide.generate import generate, noise_levels
 from diffguide.logging.base import NoLogger
 from diffguide.config import CONF_DIR, register
 from diffguide.errors import UserError
@@ -191,6 +191,7 @@ def _sample_and_score(cfg, out_dir, name, group, shard, device, total_start, den
         metric_files = dependency_files(resolved["metric"], "metric") if isinstance(resolved["metric"], dict) else {}
         result = {**results.point(guidance.name, guidance.scale, sampler.name, cfg.steps), **scores,
                   "nfe": sum(m["nfe"] for m in metas) / len(metas), "num_samples": cfg.num_samples, **sampling,
+                  "noise_levels": noise_levels(sampler, denoiser),
                   "scoring_wall_s": round(time.perf_counter() - score_start, 3),
                   "wall_time_s": round(time.perf_counter() - total_start, 3), "device": str(device),
                   "files_sha256": {**file_digests,

@@ -102,3 +102,19 @@ def test_every_guidance_yaml_takes_the_scale(tmp_path, name):
         assert guidance.scale is None and "Ignores `scale`" in (CONF_DIR / "guidance" / "none.yaml").read_text()
     else:
         assert guidance.scale == 0.37
+
+
+def test_metrics_record_the_trajectory_on_the_noise_level_axis(run_diffguide, tmp_path, tiny_flow_path):
+    """metrics.json names each step's EDM sigma (inf at a flow model's tau = 1) and the model's own time."""
+    import json
+
+    run_diffguide(tmp_path / "flow", f"model.weights={tiny_flow_path}", "guidance=none", "steps=4")
+    levels = json.loads((tmp_path / "flow" / "metrics.json").read_text())["noise_levels"]
+    assert levels["schedule"] == "FlowSchedule" and levels["parameterisation"] == "flow"
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULE)
+    scheduler.set_timesteps(4)
+    taus = [float(tau) for tau in scheduler.sigmas[:-1]]  # diffusers' flow "sigmas" are the times tau
+    assert levels["sigmas"][0] == "inf" and levels["times"] == pytest.approx(taus, abs=1e-6)
+    assert levels["sigmas"][1:] == pytest.approx([tau / (1 - tau) for tau in taus[1:]], rel=1e-5)
