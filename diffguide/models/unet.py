@@ -10,6 +10,8 @@ from diffguide.models.denoiser import Denoiser
 from diffguide.models.schedules import FlowSchedule
 
 KIND = "unet-denoiser"
+#: diffusers' scheduler prediction_type -> this project's parameterisation
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 
 
 class UNetDenoiser(Denoiser):
@@ -76,15 +78,22 @@ def load(weights: str) -> UNetDenoiser:
 
 class PretrainedUNet(Denoiser):
     """A diffusers UNet2DModel from a hub id or a local folder (e.g. google/ddpm-cifar10-32: unconditional, so the
-    classes only label samples and steer classifier-based guidance; CFG needs a null class and is refused)."""
+    classes only label samples and steer classifier-based guidance; CFG needs a null class and is refused). Its
+    parameterisation is the scheduler config's `prediction_type`: epsilon, v_prediction (Stable Diffusion 2's v) or
+    sample (x0)."""
 
     def __init__(self, unet: UNet2DModel, scheduler_config: dict, num_classes: int):
         scheduler = DDPMScheduler.from_config(scheduler_config)
         size = unet.config.sample_size
         size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
         conditional = unet.config.num_class_embeds is not None
+        prediction = scheduler.config.prediction_type
+        if prediction not in PREDICTION_TYPES:
+            raise UserError(f"model.source: scheduler prediction_type {prediction!r} is not one of "
+                            f"{', '.join(PREDICTION_TYPES)}")
         super().__init__(scheduler.alphas_cumprod, (unet.config.in_channels, *size), num_classes,
-                         null_class=None, scheduler_config=scheduler.config, data_range=(-1.0, 1.0))
+                         null_class=None, scheduler_config=scheduler.config, data_range=(-1.0, 1.0),
+                         parameterisation=PREDICTION_TYPES[prediction])
         self.unet, self.conditional = unet, conditional
 
     def _output(self, x, t, labels):
