@@ -73,13 +73,15 @@ def test_every_method_runs_on_both_model_families(run_diffguide, tmp_path, tiny_
     assert len(list((tmp_path / name / "samples").glob("*.png"))) == 6
 
 
-@pytest.mark.parametrize("sampler, per_step", [("euler", 2), ("heun", 4), ("euler_a", 2), ("dpmpp_2m_sde", 2)])
+@pytest.mark.parametrize("sampler, per_step", [("euler", 2), ("heun", 4), ("euler_a", 2), ("dpmpp_2m_sde", 2),
+                                               ("dpmpp_2s_a", 4)])
 def test_the_flow_model_samples_with_every_sigma_sampler(run_diffguide, tmp_path, tiny_flow_path, sampler, per_step):
     """`python -m diffguide.run model=<flow model> sampler=euler guidance=cfg scale=2`, and heun: Heun evaluates
     the guidance twice per step except on the last (to the data)."""
     result = run_diffguide(tmp_path / sampler, f"model.weights={tiny_flow_path}", f"sampler={sampler}", "guidance=cfg",
                            "scale=2", f"steps={STEPS}")
-    assert result["nfe"] == per_step * STEPS - (2 if sampler == "heun" else 0)
+    # Heun: one evaluation on the last step; DPM++ 2S-a: one at tau = 1 and one on the last step
+    assert result["nfe"] == per_step * STEPS - {"heun": 2, "dpmpp_2s_a": 4}.get(sampler, 0)
 
 
 def test_the_flow_model_loads_as_a_flow(tiny_flow_path):

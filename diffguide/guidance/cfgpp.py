@@ -23,9 +23,9 @@ class CFGPlusPlus(Guidance):
             warnings.warn(f"cfgpp scale (lambda) {self.scale} is outside the paper's range [0, 1]; "
                           f"it extrapolates beyond the conditional manifold step", stacklevel=2)
 
-    #: the samplers CFG++ has a form for (its official code and ComfyUI: DDIM, Euler, Euler-a, DPM++ 2M; DDPM is
-    #: DDIM at eta = 1 with the same re-noising); Heun and the SDE solver have none
-    samplers = ("ddim", "ddpm", "dpmpp_2m", "euler", "euler_a")
+    #: the samplers CFG++ has a form for (its official code and ComfyUI: DDIM, Euler, Euler-a, DPM++ 2S-a, DPM++ 2M;
+    #: DDPM is DDIM at eta = 1 with the same re-noising); Heun and the SDE solver have none
+    samplers = ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2s_a", "euler", "euler_a")
 
     def check(self, denoiser):
         self.require_null_class(self.name, denoiser)

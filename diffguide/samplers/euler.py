@@ -33,6 +33,14 @@ class Euler(Sampler):
         return t_next.alpha * pred.x0 + t_next.noise * pred.eps
 
 
+def ancestral_split(t, t_next) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step (k-diffusion's get_ancestral_step at eta = 1), written so that
+    sigma = inf (a flow model's tau = 1) gives sigma_down = 0, sigma_up = sigma_next."""
+    sigma_next = t_next.sigma
+    shrink = 0.0 if math.isinf(t.sigma) else (sigma_next / t.sigma) ** 2
+    return sigma_next * shrink ** 0.5, sigma_next * (1 - shrink) ** 0.5
+
+
 class EulerAncestral(Euler):
     name = "euler_a"
     scheduler_class = EulerAncestralDiscreteScheduler
@@ -40,10 +48,7 @@ class EulerAncestral(Euler):
     def step(self, denoiser, x, t, t_next, pred, noise, predict=None):
         if t_next.clean:
             return pred.x0
-        sigma_next = t_next.sigma
-        shrink = 0.0 if math.isinf(t.sigma) else (sigma_next / t.sigma) ** 2
-        sigma_up = sigma_next * (1 - shrink) ** 0.5
-        sigma_down = sigma_next * shrink ** 0.5
+        sigma_down, sigma_up = ancestral_split(t, t_next)
         return t_next.alpha * (pred.x0 + sigma_down * pred.eps + sigma_up * noise())
 
 

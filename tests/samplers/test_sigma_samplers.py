@@ -209,3 +209,63 @@ def test_cfg_at_one_and_zero_is_the_conditional_and_unconditional_model_in_every
     # w = 2: the same affine combination of x0 and of eps (x0 and eps stay consistent)
     pred = CFG(2.0)(model, x, level, labels)
     assert torch.allclose(level.alpha * pred.x0 + level.noise * pred.eps, x, atol=1e-5)
+
+
+def _kdiffusion_2s_ancestral(model, x_T, labels, sigmas, generator, lam=None):
+    """k-diffusion's sample_dpmpp_2s_ancestral, and with lam the CFG++ form of ComfyUI's
+    comfy/k_diffusion/sampling.py sample_dpmpp_2s_ancestral_cfg_pp, line for line in EDM coordinates:
+        x_2 = (sigma_fn(s) / sigma_fn(t)) * (x + (denoised - temp[0])) - (-h * r).expm1() * denoised
+        denoised_2 = model(x_2, sigma_fn(s) * s_in, **extra_args)
+        x = (sigma_fn(t_next) / sigma_fn(t)) * (x + (denoised - temp[0])) - (-h).expm1() * denoised_2
+    (without CFG++, temp[0] = denoised), the model D(x, sigma) being the mixture's x0 at that sigma."""
+    def model_fn(x, sigma):
+        level = model.schedule.at_sigma(sigma)
+        uncond = model.predict(x * level.alpha, level, model.null_labels(labels))
+        cond = model.predict(x * level.alpha, level, labels)
+        if lam is None:
+            return cond.x0, cond.x0
+        return uncond.x0 + lam * (cond.x0 - uncond.x0), uncond.x0
+
+    x = x_T * (sigmas[0] ** 2 + 1) ** 0.5
+    for i in range(len(sigmas) - 1):
+        denoised, uncond = model_fn(x, sigmas[i])
+        sigma_up = min(sigmas[i + 1], (sigmas[i + 1] ** 2 * (sigmas[i] ** 2 - sigmas[i + 1] ** 2) / sigmas[i] ** 2)
+                       ** 0.5)
+        sigma_down = (sigmas[i + 1] ** 2 - sigma_up ** 2) ** 0.5
+        if sigma_down == 0:
+            x = denoised
+        else:
+            t, t_next = -math.log(sigmas[i]), -math.log(sigma_down)
+            h = t_next - t
+            s = t + 0.5 * h
+            x_2 = (math.exp(-s) / math.exp(-t)) * (x + (denoised - uncond)) - math.expm1(-h * 0.5) * denoised
+            denoised_2, _ = model_fn(x_2, math.exp(-s))
+            x = (math.exp(-t_next) / math.exp(-t)) * (x + (denoised - uncond)) - math.expm1(-h) * denoised_2
+        if sigmas[i + 1] > 0:
+            x = x + torch.randn(x.shape[1:], generator=generator).unsqueeze(0) * sigma_up
+    return x
+
+
+@pytest.mark.parametrize("lam", [None, 0.6])
+def test_dpmpp_2s_ancestral_is_kdiffusions_and_its_cfgpp_form_comfyuis(mixture, lam):
+    from diffguide.samplers.dpmpp_2s_a import DPMSolverPP2SAncestral
+
+    labels = torch.tensor([1])
+    g_ours, g_theirs = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    x_ours, x_theirs = torch.randn((1, 1, 4, 4), generator=g_ours), torch.randn((1, 1, 4, 4), generator=g_theirs)
+    sampler = DPMSolverPP2SAncestral(8, clip_x0=False)
+    guidance = NoGuidance() if lam is None else CFGPlusPlus(lam)
+    ours, nfe = sampler.sample(mixture, guidance, x_ours, labels, generators=[g_ours])
+    sigmas = [level.sigma for level in sampler.levels(mixture)] + [0.0]
+    theirs = _kdiffusion_2s_ancestral(mixture, x_theirs.double(), labels, sigmas, g_theirs, lam)
+    assert torch.allclose(ours.double(), theirs, atol=1e-4), (ours - theirs).abs().max()
+    assert nfe == (1 if lam is None else 2) * (2 * 8 - 1)
+
+
+def test_dpmpp_2s_ancestral_on_a_flow_model_starts_with_an_euler_step():
+    from diffguide.samplers.dpmpp_2s_a import DPMSolverPP2SAncestral
+
+    model = gmm.ring(family="flow")
+    generators = [torch.Generator().manual_seed(i) for i in range(4)]
+    x, nfe = DPMSolverPP2SAncestral(6).sample(model, NoGuidance(), torch.randn(4, 2), torch.arange(4), generators)
+    assert torch.isfinite(x).all() and nfe == 2 * 6 - 2  # one evaluation at tau = 1 and on the last step
