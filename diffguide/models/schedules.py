@@ -201,6 +201,10 @@ class EDMSchedule(Schedule):
     def at_sigma(self, sigma):
         return self.level(sigma)
 
+    def network_time(self, t):
+        """EDM's c_noise = ln(sigma) / 4 (Karras et al. 2022, Table 1)."""
+        return t.log() / 4
+
     def grid(self, scheduler_class, steps, spacing):
         from diffusers import EDMEulerScheduler
 

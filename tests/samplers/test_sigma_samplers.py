@@ -168,6 +168,10 @@ def test_an_edm_model_starts_at_sigma_max_times_the_noise():
     model = gmm.ring(family="edm")
     levels = Euler(5).levels(model)
     assert levels[0].sigma == pytest.approx(80.0) and levels[-1].sigma == pytest.approx(0.002)
+    # the network's time input is EDM's c_noise = ln(sigma) / 4, its input c_in x = x / sqrt(sigma^2 + 0.5^2)
+    assert model.schedule.network_time(torch.tensor([math.e ** 4])).item() == pytest.approx(1.0)
+    x = torch.ones(1, 2)
+    assert torch.allclose(model.parameterisation.network_input(x, levels[0]), x / (80.0 ** 2 + 0.25) ** 0.5)
 
 
 @pytest.mark.parametrize("sampler", [Heun(4), DPMSolverPP2MSDE(4)])
