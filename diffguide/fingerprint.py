@@ -31,7 +31,8 @@ def dependency_files(node, prefix: str) -> dict[str, str]:
 #: Keys added to a group after samples were first recorded, with the default that reproduces the images made before
 #: they existed: left out of the fingerprint at that default, so that a folder made before them still resumes (its
 #: sampling.json and every sample's `run` digest stay what they were).
-ADDED_KEYS = {("sampler", "variance"): "fixed_small", ("guidance", "channels"): None}
+ADDED_KEYS = {("sampler", "variance"): "fixed_small", ("guidance", "channels"): None,
+              ("model", "family"): "vp", ("model", "parameterisation"): None}
 
 
 def revision(node) -> int:

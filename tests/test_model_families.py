@@ -120,3 +120,20 @@ def test_metrics_record_the_trajectory_on_the_noise_level_axis(run_diffguide, tm
     taus = [float(tau) for tau in scheduler.sigmas[:-1]]  # diffusers' flow "sigmas" are the times tau
     assert levels["sigmas"][0] == "inf" and levels["times"] == pytest.approx(taus, abs=1e-6)
     assert levels["sigmas"][1:] == pytest.approx([tau / (1 - tau) for tau in taus[1:]], rel=1e-5)
+
+
+def test_the_mixtures_new_family_keys_leave_its_runs_fingerprint_as_it_was(tmp_path):
+    """model.family=vp and model.parameterisation=null reproduce the images made before the keys existed, so a run
+    folder made then still resumes: its fingerprint is the one without the keys."""
+    from omegaconf import open_dict
+
+    from diffguide.fingerprint import fingerprint
+    from tests.helpers import compose_run_config
+
+    now = fingerprint(compose_run_config(["model=gmm", "metric=none"], tmp_path / "a"))[0]
+    old = compose_run_config(["model=gmm", "metric=none"], tmp_path / "b")
+    with open_dict(old):
+        del old.model["family"], old.model["parameterisation"]
+    before = fingerprint(old)[0]
+    flow = fingerprint(compose_run_config(["model=gmm", "metric=none", "model.family=flow"], tmp_path / "c"))[0]
+    assert now == before and flow != now
