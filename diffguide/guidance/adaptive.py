@@ -56,7 +56,7 @@ class AdaptiveGuidance(Guidance):
                 c, u = denoiser.output(cond, xs, t), denoiser.output(uncond, xs, t)
             agree = torch.nn.functional.cosine_similarity(c.flatten(1), u.flatten(1), dim=1)
             converged = (agree > self.gamma).view(-1, *[1] * (x.ndim - 1))
-            pred = cond.where(converged, combine(uncond, cond, self.scale))
+            pred = cond.where(converged, combine(denoiser, xs, t, uncond, cond, self.scale))
             x0[guided], eps[guided] = pred.x0, pred.eps
             self._switched_off[guided.nonzero().squeeze(1)[agree > self.gamma]] = True
         if not guided.all():

@@ -25,4 +25,4 @@ class AutoGuidance(Guidance):
 
     def __call__(self, denoiser, x, t, labels):
         main, weak = denoiser.predict(x, t, labels), self.weak.predict(x, t, labels)
-        return GuidedPrediction.of(combine(weak, main, self.scale), nfe=2)
+        return GuidedPrediction.of(combine(denoiser, x, t, weak, main, self.scale), nfe=2)

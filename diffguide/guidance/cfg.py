@@ -40,7 +40,7 @@ class CFG(Guidance):
         if self.scale == 0.0 and not partial:
             return GuidedPrediction.of(denoiser.predict(x, t, denoiser.null_labels(labels)), nfe=1)
         uncond, cond = denoiser.pair(x, t, labels)
-        pred = combine(uncond, cond, self.scale)
+        pred = combine(denoiser, x, t, uncond, cond, self.scale)
         if partial:
             pred = pred.cat_channels(cond, self.channels)
         return GuidedPrediction.of(pred, nfe=2)

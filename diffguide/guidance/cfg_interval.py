@@ -44,4 +44,4 @@ class CFGInterval(Guidance):
         if not self.inside(denoiser, t):
             return GuidedPrediction.of(denoiser.predict(x, t, labels), nfe=1)
         uncond, cond = denoiser.pair(x, t, labels)
-        return GuidedPrediction.of(combine(uncond, cond, self.scale), nfe=2)
+        return GuidedPrediction.of(combine(denoiser, x, t, uncond, cond, self.scale), nfe=2)

@@ -33,5 +33,5 @@ class CFGRescale(Guidance):
 
     def __call__(self, denoiser, x, t, labels):
         uncond, cond = denoiser.pair(x, t, labels)
-        out = rescale(denoiser.output(combine(uncond, cond, self.scale), x, t), denoiser.output(cond, x, t), self.phi)
+        out = rescale(denoiser.output(combine(denoiser, x, t, uncond, cond, self.scale), x, t), denoiser.output(cond, x, t), self.phi)
         return GuidedPrediction.of(denoiser.from_output(out, x, t), nfe=2)

@@ -32,4 +32,4 @@ class CFGPlusPlus(Guidance):
 
     def __call__(self, denoiser, x, t, labels):
         uncond, cond = denoiser.pair(x, t, labels)
-        return GuidedPrediction(x0=combine(uncond, cond, self.scale).x0, eps=uncond.eps, nfe=2, consistent=False)
+        return GuidedPrediction(x0=combine(denoiser, x, t, uncond, cond, self.scale).x0, eps=uncond.eps, nfe=2, consistent=False)

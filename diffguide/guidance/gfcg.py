@@ -29,7 +29,6 @@ from diffguide.errors import UserError
 from diffguide.guidance.base import Guidance, GuidedPrediction
 from diffguide.guidance.common import combine, prepare_weak_model
 from diffguide.models.denoiser import Denoiser
-from diffguide.models.parameterisation import Prediction
 
 BASES = ("none", "cfg", "autoguidance")
 
@@ -75,10 +74,10 @@ class GradientFreeClassifierGuidance(Guidance):
     def __call__(self, denoiser, x, t, labels):
         if self.base == "cfg":
             uncond, cond = denoiser.pair(x, t, labels)
-            base, nfe = combine(uncond, cond, self.base_scale), 3
+            base, nfe = combine(denoiser, x, t, uncond, cond, self.base_scale), 3
         elif self.base == "autoguidance":
             cond, weak = denoiser.predict(x, t, labels), self.weak.predict(x, t, labels)
-            base, nfe = combine(weak, cond, self.base_scale), 3
+            base, nfe = combine(denoiser, x, t, weak, cond, self.base_scale), 3
         else:
             cond = denoiser.predict(x, t, labels)
             base, nfe = cond, 2
@@ -88,5 +87,7 @@ class GradientFreeClassifierGuidance(Guidance):
         ref_class, ratio = self.reference(x0_c, labels)
         ref = denoiser.predict(x, t, ref_class)
         s_t = (self.scale * ratio).view(-1, *[1] * (x.ndim - 1)).to(cond.eps.dtype)
-        guided = Prediction(base.x0 + s_t * (cond.x0 - ref.x0), base.eps + s_t * (cond.eps - ref.eps))
+        # on the network's own output, as `combine` (eps_base + s_t (eps_c - eps_ref) on an eps model)
+        out = lambda pred: denoiser.output(pred, x, t)  # noqa: E731
+        guided = denoiser.from_output(out(base) + s_t * (out(cond) - out(ref)), x, t)
         return GuidedPrediction.of(guided, nfe=nfe)
