@@ -29,11 +29,6 @@ class Prediction:
     x0: torch.Tensor
     eps: torch.Tensor
 
-    def lerp(self, other: "Prediction", weight) -> "Prediction":
-        """self + weight (other - self) on both x0 and eps: an affine combination of predictions at the same x is a
-        prediction at that x (CFG: uncond.lerp(cond, w))."""
-        return Prediction(self.x0 + weight * (other.x0 - self.x0), self.eps + weight * (other.eps - self.eps))
-
     def where(self, mask: torch.Tensor, other: "Prediction") -> "Prediction":
         return Prediction(torch.where(mask, self.x0, other.x0), torch.where(mask, self.eps, other.eps))
 
