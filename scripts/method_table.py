@@ -43,7 +43,7 @@ GRID: dict[str, list[float | None]] = {
 # schedule, reached through sigma).
 FLOW_GRID: dict[str, list[float | None]] = {
     "none": [None],
-    "cfg": [1.5, 2.0],
+    "cfg": [1.25, 1.5, 2.0],
     "cfgpp": [0.6],
     "cfg_rescale": [2.0],
     "cfg_interval": [3.0],
