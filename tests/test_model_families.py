@@ -137,3 +137,21 @@ def test_the_mixtures_new_family_keys_leave_its_runs_fingerprint_as_it_was(tmp_p
     before = fingerprint(old)[0]
     flow = fingerprint(compose_run_config(["model=gmm", "metric=none", "model.family=flow"], tmp_path / "c"))[0]
     assert now == before and flow != now
+
+
+def test_a_classifier_term_is_not_taken_at_a_flow_models_pure_noise():
+    """At tau = 1 (alpha = 0) condition_score would move x0 by noise^2 / alpha times the score: the step takes none;
+    one step later it does."""
+    from diffguide.guidance.base import GuidedPrediction
+    from diffguide.models import gmm
+
+    model = gmm.ring(family="flow")
+    sampler = DDIM(5, clip_x0=False)
+    levels = sampler.levels(model)
+    x, score = torch.randn(2, 2), torch.ones(2, 2)
+    pred = model.predict(x, levels[0], torch.tensor([0, 1]))
+    first = sampler._finalize(model, x, levels[0], levels[1], GuidedPrediction(pred.x0, pred.eps, 1, score=score))
+    assert torch.equal(first.x0, pred.x0) and torch.equal(first.eps, pred.eps) and first.score is None
+    pred = model.predict(x, levels[1], torch.tensor([0, 1]))
+    second = sampler._finalize(model, x, levels[1], levels[2], GuidedPrediction(pred.x0, pred.eps, 1, score=score))
+    assert not torch.equal(second.x0, pred.x0)

@@ -82,14 +82,16 @@ class Sampler:
             x0 = x0.clamp(*denoiser.data_range)
             if pred.consistent:
                 eps = (x - t.alpha * x0) / t.noise
+        if score is not None and t.alpha == 0:
+            # a flow model's pure noise (tau = 1): x says nothing of the class, and condition_score's move of x0,
+            # noise^2 / alpha times the score, is unbounded; the step takes no classifier term
+            score = None
         if score is not None and not self.ancestral:
             variance = posterior_variance(t, t_next)
             factor = (variance + pred.score_boost) / variance if variance > 0 else 1.0
-            # condition_score: eps -= noise * factor * score, x0 the one consistent with it (none where alpha = 0:
-            # a flow model's pure-noise level, where no classifier can tell classes apart)
+            # condition_score: eps -= noise * factor * score, and x0 the one consistent with it
             eps = eps - t.noise * factor * score
-            if t.alpha > 0:
-                x0 = (x - t.noise * eps) / t.alpha
+            x0 = (x - t.noise * eps) / t.alpha
             score = None
         if pred.x0_offset is not None:
             x0 = x0 + pred.x0_offset
