@@ -68,6 +68,8 @@ def test_every_method_runs_on_both_model_families(run_diffguide, tmp_path, tiny_
         overrides.append(f"classifier.weights={tiny_evaluator_path}")
     if name == "adaptive":
         overrides.append("guidance.gamma=1.0")  # a cosine never exceeds 1: guided at every step
+    if name == "offshelf" and family == "flow":
+        overrides.append("sampler=ddpm")  # EluCD's own form (its DDIM form is refused on a flow model's grid)
     result = run_diffguide(tmp_path / name, *overrides)
     assert result["nfe"] == expected_nfe(name, unet_lib.load(str(weights)))
     assert len(list((tmp_path / name / "samples").glob("*.png"))) == 6
@@ -155,3 +157,13 @@ def test_a_classifier_term_is_not_taken_at_a_flow_models_pure_noise():
     pred = model.predict(x, levels[1], torch.tensor([0, 1]))
     second = sampler._finalize(model, x, levels[1], levels[2], GuidedPrediction(pred.x0, pred.eps, 1, score=score))
     assert not torch.equal(second.x0, pred.x0)
+
+
+def test_offshelf_refuses_its_ddim_form_on_a_flow_model_in_one_line(tiny_flow_path, tiny_evaluator_path):
+    from tests.helpers import run_cli
+
+    result = run_cli("diffguide.run", f"model.weights={tiny_flow_path}", "guidance=offshelf",
+                     f"classifier.weights={tiny_evaluator_path}", "metric=none", "logger=none", "num_samples=2",
+                     "out_dir=/tmp/diffguide-offshelf-flow-refusal")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "sampler=ddpm" in result.stderr

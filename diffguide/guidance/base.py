@@ -83,6 +83,9 @@ class Guidance:
     def check(self, denoiser: Denoiser) -> None:
         """Refuse, in one line (UserError), a model this method cannot guide. Called once, before sampling."""
 
+    def check_sampler(self, sampler, denoiser: Denoiser) -> None:
+        """Refuse, in one line, a sampler this method cannot step with on this model (called by Sampler.check)."""
+
     def reset(self, denoiser: Denoiser, labels: torch.Tensor) -> None:
         """Forget per-trajectory state (momentum, a switch that stays off)."""
 

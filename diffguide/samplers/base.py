@@ -40,6 +40,8 @@ class Sampler:
         if guidance is not None and guidance.samplers is not None and self.name not in guidance.samplers:
             raise UserError(f"guidance={guidance.name} has no form for sampler={self.name}; it is defined on "
                             f"sampler={', '.join(guidance.samplers)}")
+        if guidance is not None:
+            guidance.check_sampler(self, denoiser)
 
     def levels(self, denoiser: Denoiser) -> list[Level]:
         """The descending noise levels the sampler evaluates the model at (the clean level, where the trajectory
