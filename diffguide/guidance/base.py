@@ -105,10 +105,6 @@ class Guidance:
         raise NotImplementedError
 
     @staticmethod
-    def from_eps(denoiser: Denoiser, x: torch.Tensor, t, eps: torch.Tensor, nfe: float) -> GuidedPrediction:
-        return GuidedPrediction(denoiser.x0_from_eps(x, t, eps), eps, nfe)
-
-    @staticmethod
     def check_scale(name: str, scale, lo: float | None = None) -> float:
         if scale is None or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise UserError(f"guidance={name} needs a finite scale (got {scale!r})")

@@ -154,11 +154,14 @@ class Sampler:
         x = x_T * levels[0].noise if denoiser.schedule.continuous else x_T
         spent = [0.0]
 
-        def predict(x_at: torch.Tensor, level: Level, level_next: Level) -> GuidedPrediction:
-            pred = guidance(denoiser, x_at, level, labels)
-            pred = self._finalize(denoiser, x_at if pred.x is None else pred.x, level, level_next, pred)
+        def predict(x_at: torch.Tensor, level: Level, level_next: Level) -> tuple[torch.Tensor, GuidedPrediction]:
+            """The finalized guided prediction at (x_at, level), its NFE counted, and the point the step starts
+            from (where the guidance moved x_t, that point)."""
+            raw = guidance(denoiser, x_at, level, labels)
+            x_at = x_at if raw.x is None else raw.x
+            pred = self._finalize(denoiser, x_at, level, level_next, raw)
             spent[0] = spent[0] + pred.nfe
-            return pred
+            return x_at, pred
 
         try:
             for i, t in enumerate(levels):
@@ -166,15 +169,12 @@ class Sampler:
                 for r in range(repeats):
                     history = self.history()
                     denoiser.capture_variance(self.uses_model_variance)  # records this prediction's forwards only
-                    raw = guidance(denoiser, x, t, labels)
-                    x_at = x if raw.x is None else raw.x  # where the guidance moved x_t, the step starts from there
-                    pred = self._finalize(denoiser, x_at, t, t_next, raw)
+                    x_at, pred = predict(x, t, t_next)
                     if self.uses_model_variance:
                         pred.log_variance = self.model_log_variance(denoiser, guidance, labels, levels, i)
-                    spent[0] = spent[0] + pred.nfe
                     after = levels[i + 2] if i + 2 < len(levels) else CLEAN
                     x_next = self.update(denoiser, x_at, t, t_next, pred, noise,
-                                         lambda x_b, level: predict(x_b, level, after))
+                                         lambda x_b, level: predict(x_b, level, after)[1])
                     if r + 1 < repeats:
                         # Self-recurrence: back to level t with fresh noise, and the multistep history as it was.
                         ratio, variance = transition(t, t_next)

@@ -62,7 +62,7 @@ class Heun(Euler):
             return x_euler
         second = predict(x_euler, t_next)
         a1, b1 = denoiser.schedule.velocity_coefficients
-        c, u = denoiser.schedule.coords(t)
+        _, u = denoiser.schedule.coords(t)
         c_next, u_next = denoiser.schedule.coords(t_next)
         velocity_change = a1 * (second.x0 - pred.x0) + b1 * (second.eps - pred.eps)
         return x_euler + c_next * (u_next - u) / 2 * velocity_change
