@@ -1,12 +1,19 @@
-"""Every guidance method on the embedded Fashion-MNIST model, each at its best scale from a small sweep.
+"""Every guidance method on the embedded Fashion-MNIST model, each at a scale tuned by one rule, with intervals.
 
-    python scripts/method_table.py [--out outputs/method_table] [--num-samples 1000] [--only cfg,apg] [--dry-run]
+    python scripts/method_table.py [--out outputs/method_table] [--tune-samples 1000] [--num-samples 2000]
+                                   [--only cfg,apg] [--dry-run]
     python scripts/method_table.py --grid flow --out outputs/method_table_flow model=fmnist_flow
 
-Runs `python -m diffguide.run guidance=NAME scale=S out_dir=OUT/NAME/scale_S` for every point of the grid below
-(default sampler DDIM, 25 steps, seed 0, so every method sees the same initial noise and labels), one point at a
-time; a point whose metrics.json already exists is not run again, so an interrupted sweep resumes where it stopped.
-Then prints two markdown tables: the best scale of each method (lowest FID), and every point of the sweep.
+Every point is `python -m diffguide.run guidance=NAME scale=S out_dir=OUT/NAME/scale_S` (default sampler DDIM, 25
+steps, seed 0, so every method sees the same initial noise and labels: the samples are paired), run one at a time; a
+point already run is not run again, so an interrupted table resumes where it stopped.
+
+The rule, the same for every method: the scale with the lowest FID at --tune-samples samples, found by a bracketing
+search from the method's starting grid below (while the best scale is at an end of the scales tried, one more scale
+beyond it, at most --extend times; then one bisection between the best scale and its better neighbour). The search's
+FIDs are kept in OUT/tune.json. The chosen scale is then run at --num-samples (the same folder: its first
+--tune-samples samples are reused) and the table is `python -m diffguide.report`'s, with 95% bootstrap intervals and
+paired differences to CFG at its chosen scale.
 """
 
 import argparse
@@ -14,6 +21,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+from diffguide.atomic import atomic_write_text
 
 # The sweep: scales in each method's own convention (see conf/guidance/NAME.yaml), around its paper's defaults.
 GRID: dict[str, list[float | None]] = {
@@ -54,6 +63,13 @@ FLOW_GRID: dict[str, list[float | None]] = {
 }
 GRIDS = {"eps": GRID, "flow": FLOW_GRID}
 
+# The rows the search tunes, with the scale below which the method is no longer itself (exclusive): the CFG family's
+# w = 1 is the conditional model, CFG++'s lambda, the classifier scales and GFCG's w at 0 are no guidance. The other
+# rows (unguided rows, and variants of a tuned method with other settings) take the best of their grid.
+TUNED: dict[str, float] = {"cfg": 1.0, "cfgpp": 0.0, "cfg_rescale": 1.0, "cfg_interval": 1.0, "apg": 1.0,
+                           "adaptive": 1.0, "cfg_zero_star": 1.0, "autoguidance": 1.0, "classifier": 0.0,
+                           "offshelf": 0.0, "gfcg": 0.0, "universal": 0.0}
+
 # Rows that are a method with other settings: name -> (guidance, overrides). classifier and universal guide the
 # unconditional model, whose own scores are the baseline they start from; offshelf guides the conditional model, as
 # EluCD does; GFCG is also shown on autoguidance, the combination its paper reports.
@@ -83,9 +99,12 @@ def read_point(out: Path, name: str, scale) -> dict | None:
     return {**json.loads(metrics.read_text()), "guidance": name} if metrics.exists() else None
 
 
-def run_point(out: Path, name: str, scale, num_samples: int, extra: list[str]) -> dict | None:
+def run_point(out: Path, name: str, scale, num_samples: int, extra: list[str], rescore: bool = False) -> dict | None:
+    """The point at `num_samples`: read when its metrics.json is at that count (and, with `rescore`, already has
+    intervals), else run (samples already in the folder are reused; only the missing ones are made)."""
     folder = point_dir(out, name, scale)
-    if not (folder / "metrics.json").exists():
+    done = read_point(out, name, scale)
+    if done is None or done["num_samples"] != num_samples or (rescore and "fid_fmnist_lo" not in done):
         guidance, variant = VARIANTS.get(name, (name, []))
         cmd = [sys.executable, "-m", "diffguide.run", f"guidance={guidance}", *variant, f"num_samples={num_samples}",
                f"out_dir={folder}", "logger=none", *([] if scale is None else [f"scale={scale}"]), *extra]
@@ -95,6 +114,60 @@ def run_point(out: Path, name: str, scale, num_samples: int, extra: list[str]) -
                 print(f"  failed: see {out / 'sweep.log'}", file=sys.stderr)
                 return None
     return read_point(out, name, scale)
+
+
+def _key(scale) -> str:
+    return "default" if scale is None else f"{scale:g}"
+
+
+def search(out: Path, name: str, grid: list, n: int, extra: list[str], extend: int, dry_run: bool) -> float | None:
+    """The row's scale by the rule (module docstring), its FIDs at `n` samples recorded in OUT/tune.json as they
+    come. None when no point of the row finished."""
+    state_path = out / "tune.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    fids: dict[str, float] = state.setdefault(name, {})
+
+    def fid(scale) -> float | None:
+        if _key(scale) not in fids:
+            point = (read_point(out, name, scale) if dry_run
+                     else run_point(out, name, scale, n, extra))
+            if point is None or point["num_samples"] != n:
+                return None
+            fids[_key(scale)] = point["fid_fmnist"]
+            atomic_write_text(state_path, json.dumps(state, indent=2, sort_keys=True))
+        return fids[_key(scale)]
+
+    tried = {scale: fid(scale) for scale in grid}
+    tried = {s: f for s, f in tried.items() if f is not None}
+    if name in TUNED and len(tried) >= 2:
+        lowest = TUNED[name]
+        for _ in range(extend):
+            scales = sorted(tried)
+            best = min(scales, key=tried.get)
+            if best == scales[0]:
+                new = scales[0] - (scales[1] - scales[0])
+                new = new if new > lowest else (lowest + scales[0]) / 2
+            elif best == scales[-1]:
+                new = scales[-1] + (scales[-1] - scales[-2])
+            else:
+                break
+            value = fid(round(new, 4))
+            if value is None:
+                break
+            tried[round(new, 4)] = value
+        scales = sorted(tried)
+        best = min(scales, key=tried.get)
+        i = scales.index(best)
+        neighbours = [scales[j] for j in (i - 1, i + 1) if 0 <= j < len(scales)]
+        other = min(neighbours, key=tried.get)
+        middle = round((best + other) / 2, 4)
+        if middle not in tried:
+            value = fid(middle)
+            if value is not None:
+                tried[middle] = value
+    if not tried:
+        return None
+    return min(tried, key=lambda s: (tried[s], -1 if s is None else s))
 
 
 def table(rows: list[dict]) -> str:
@@ -109,10 +182,13 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/method_table"))
-    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--tune-samples", type=int, default=1000, help="samples per point of the scale search")
+    parser.add_argument("--num-samples", type=int, default=2000, help="samples per point of the table")
+    parser.add_argument("--extend", type=int, default=2, help="most scales the search adds beyond a grid's end")
     parser.add_argument("--only", default="", help="comma-separated methods (default: all)")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="eps", help="the points to run (flow: FLOW_GRID)")
     parser.add_argument("--dry-run", action="store_true", help="only tabulate the points already run")
+    parser.add_argument("--rescore", action="store_true", help="score the table's points again (same samples)")
     parser.add_argument("extra", nargs="*", help="more overrides for every run, e.g. sampler=ddpm")
     args = parser.parse_args()
     grid = GRIDS[args.grid]
@@ -122,26 +198,22 @@ def main() -> None:
         sys.exit(f"unknown methods: {', '.join(unknown)} (known: {', '.join(grid)})")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    best, every = [], []
+    chosen = {}
     for name in names:
-        results = []
-        for scale in grid[name]:
-            result = (read_point(args.out, name, scale) if args.dry_run
-                      else run_point(args.out, name, scale, args.num_samples, args.extra))
-            if result is not None:
-                results.append(result)
-        every += results
-        if results:
-            best.append(min(results, key=lambda r: r["fid_fmnist"]))
-    counts = sorted({r["num_samples"] for r in every})
-    print(f"## Best scale per method (lowest FID; {'/'.join(map(str, counts))} samples per point)\n")
-    print(table(best))
-    print("\n## Every point of the sweep\n")
-    print(table(every))
-    rescored = sum(1 for r in every if r.get("images_generated") == 0)
-    minutes = sum(r.get("wall_time_s", 0.0) for r in every) / 60
-    print(f"\n{len(every)} points; their runs took {minutes:.0f} min (sum of wall_time_s)"
-          + (f", {rescored} of them only re-scored samples made earlier" if rescored else ""))
+        scale = search(args.out, name, grid[name], args.tune_samples, args.extra, args.extend, args.dry_run)
+        if scale is not None or None in grid[name]:
+            chosen[name] = scale
+    rows = []
+    for name, scale in chosen.items():
+        point = (read_point(args.out, name, scale) if args.dry_run
+                 else run_point(args.out, name, scale, args.num_samples, args.extra, args.rescore))
+        if point is not None:
+            rows.append(point)
+    counts = sorted({r["num_samples"] for r in rows})
+    print(f"## Each method at its tuned scale ({'/'.join(map(str, counts))} samples per point)\n")
+    print(table(rows))
+    minutes = sum(r.get("wall_time_s", 0.0) for r in rows) / 60
+    print(f"\n{len(rows)} points; their last runs took {minutes:.0f} min (sum of wall_time_s)")
 
 
 if __name__ == "__main__":
