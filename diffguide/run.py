@@ -187,7 +187,8 @@ def _sample_and_score(cfg, out_dir, name, group, shard, device, total_start, den
         store.write_labels(metas)
         grid = store.write_grid(cfg.grid_size)
         score_start = time.perf_counter()
-        scores = metric(store.dir, [m["label"] for m in metas], device)
+        # features.npz: the per-sample statistics the report's paired differences resample (no network again)
+        scores = metric(store.dir, [m["label"] for m in metas], device, stats_path=out_dir / "features.npz")
         metric_files = dependency_files(resolved["metric"], "metric") if isinstance(resolved["metric"], dict) else {}
         result = {**results.point(guidance.name, guidance.scale, sampler.name, cfg.steps), **scores,
                   "nfe": sum(m["nfe"] for m in metas) / len(metas), "num_samples": cfg.num_samples, **sampling,

@@ -29,6 +29,7 @@ from torch_fidelity.utils import (create_feature_extractor, extract_featuresdict
 
 from diffguide import atomic
 from diffguide.errors import UserError
+from diffguide.metrics import intervals
 from diffguide.metrics.reference import FeatureCache, ReferenceFile
 from diffguide.samples import sample_path
 
@@ -54,7 +55,8 @@ class Metric:
     def check(self, num_samples: int) -> None:
         pass
 
-    def __call__(self, samples_dir: Path, labels: list[int], device: torch.device) -> dict[str, float]:
+    def __call__(self, samples_dir: Path, labels: list[int], device: torch.device,
+                 stats_path: Path | None = None) -> dict[str, float]:
         return {}
 
 
@@ -64,9 +66,12 @@ class NoMetrics(Metric):
 
 class FidelityMetric(Metric):
     def __init__(self, fid=True, isc=True, kid=True, prc=True, batch_size=500, kid_subset_size=1000, isc_splits=10,
-                 cache_root=None, save_cpu_ram=None, suffix=""):
+                 cache_root=None, save_cpu_ram=None, bootstrap=1000, fid_inf=True, fid_inf_bootstrap=100, suffix=""):
         self.flags = {"fid": fid, "isc": isc, "kid": kid, "prc": prc}
         self.batch_size, self.kid_subset_size, self.isc_splits = batch_size, kid_subset_size, isc_splits
+        # intervals (see metrics/intervals.py): bootstrap replicates of every metric (0: none), FID-infinity and the
+        # replicates of its interval (each refits FID at 15 subset sizes, so fewer)
+        self.bootstrap, self.fid_inf, self.fid_inf_bootstrap = bootstrap, fid_inf, fid_inf_bootstrap
         self.cache_root = cache_root or default_cache_root()
         self.suffix = suffix
         # torch-fidelity's switch for DataLoader workers (and chunked precision/recall, same result): on a few cores
@@ -85,15 +90,17 @@ class FidelityMetric(Metric):
         return Path(self.reference) if str(self.reference).endswith(".npz") else None
 
     def check(self, num_samples):
-        for name, value in self.flags.items():
+        for name, value in {**self.flags, "fid_inf": self.fid_inf}.items():
             if not isinstance(value, bool):
                 raise UserError(f"metric.{name}={value!r}: use true or false")
-        for name, least in (("batch_size", 1), ("isc_splits", 1), ("kid_subset_size", 2)):
+        for name, least in (("batch_size", 1), ("isc_splits", 1), ("kid_subset_size", 2), ("bootstrap", 0),
+                            ("fid_inf_bootstrap", 0)):
             value = getattr(self, name)
             # kid_subset_size and isc_splits above the sample count are fine: they are clipped to it
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise UserError(f"metric.{name}={value!r}: use an integer >= {least}"
-                                + (" (a KID subset of 1 has no unbiased MMD)" if name == "kid_subset_size" else ""))
+                                + (" (a KID subset of 1 has no unbiased MMD)" if name == "kid_subset_size" else "")
+                                + (" (0: no intervals)" if "bootstrap" in name else ""))
         if not isinstance(self.save_cpu_ram, bool):
             raise UserError(f"metric.save_cpu_ram={self.save_cpu_ram!r}: use true, false or null")
         if Path(self.cache_root).exists() and not Path(self.cache_root).is_dir():
@@ -123,7 +130,31 @@ class FidelityMetric(Metric):
                 raise UserError(f"metric.reference={path}: the metrics turned on need at least {least} reference "
                                 f"images; arr_0 holds {count}")
 
-    def __call__(self, samples_dir, labels, device):
+    def __call__(self, samples_dir, labels, device, stats_path: Path | None = None):
+        """The scores, each with its bootstrap interval (`NAME_lo`, `NAME_hi`), and FID-infinity; `stats_path`: where
+        to keep the per-sample statistics (features.npz) that paired differences are computed from later."""
+        scores, stats = self.score(samples_dir, labels, device)
+        n = len(labels)
+        estimates = {name: scores[key] for name in intervals.NAMES
+                     for key in (f"{name}{self.suffix}", name) if key in scores}
+        if self.bootstrap and n >= 2:
+            for name, (low, high) in intervals.intervals(stats, estimates, self.bootstrap).items():
+                key = f"{name}{self.suffix}" if f"{name}{self.suffix}" in scores else name
+                scores[f"{key}_lo"], scores[f"{key}_hi"] = low, high
+            scores["bootstrap_replicates"] = self.bootstrap
+        if self.fid_inf and stats.ref_sigma is not None and len(intervals.fid_sizes(n, len(stats.ref_mu))) >= 3:
+            args = (stats.features, stats.ref_mu, stats.ref_sigma)
+            key = f"fid_inf{self.suffix}"
+            scores[key] = float(intervals.fid_infinity(*args, np.random.default_rng(0).permutation(n)[None])[0])
+            if self.fid_inf_bootstrap:
+                scores[f"{key}_lo"], scores[f"{key}_hi"] = intervals.interval(
+                    scores[key], intervals.fid_infinity(*args, intervals.resample(n, self.fid_inf_bootstrap)))
+        if stats_path is not None:
+            stats.save(stats_path)
+        return scores
+
+    def score(self, samples_dir, labels, device) -> tuple[dict[str, float], intervals.PointStats]:
+        """torch-fidelity's scores of the samples, and the per-sample statistics their intervals need."""
         n = len(labels)
         self._check_sample_count(n)
         # A cache write killed between its write and its rename leaves a temp file; its lock is gone with its writer.
@@ -136,16 +167,18 @@ class FidelityMetric(Metric):
                       isc_splits=min(self.isc_splits, n), save_cpu_ram=self.save_cpu_ram, verbose=False,
                       cache=False, **self.fidelity_kwargs())
         layers = {m: resolve_feature_layer_for_metric(m, **kwargs) for m, on in flags.items() if on}
+        stats = intervals.PointStats(labels=np.asarray(labels))
         if not layers:
-            return {}
-        stats = reference.stats if reference is not None else None  # FID against the file's own mu and sigma
+            return {}, stats
+        # FID against the file's own mu and sigma where it has them
+        reference_stats = reference.stats if reference is not None else None
         # torch-fidelity's calculate_metrics, step by step: the same extractor, features and metric functions, with
         # the reference features from diffguide's cache instead of torch-fidelity's pickles.
         with redirect_stdout(sys.stderr):  # torch-fidelity prints on stdout; keep stdout for our own report
             extractor = create_feature_extractor(kwargs["feature_extractor"], sorted(set(layers.values())), **kwargs)
             ours = extract_featuresdict_from_input_id(1, extractor, **kwargs)
             reference_layers = sorted({layers[m] for m in ("fid", "kid", "prc")
-                                       if m in layers and not (m == "fid" and stats is not None)})
+                                       if m in layers and not (m == "fid" and reference_stats is not None)})
             theirs = self._reference_features(extractor, reference_layers, kwargs, reference) \
                 if reference_layers else {}
             raw = {}
@@ -153,23 +186,38 @@ class FidelityMetric(Metric):
                 raw.update(isc_featuresdict_to_metric(ours, layers["isc"], **kwargs))
             if "fid" in layers:
                 ours_stats = fid_featuresdict_to_statistics(ours, layers["fid"])
-                if stats is not None:
-                    raw["frechet_inception_distance"] = fid_against_statistics(stats, ours_stats,
+                if reference_stats is not None:
+                    raw["frechet_inception_distance"] = fid_against_statistics(reference_stats, ours_stats,
                                                                                kwargs["feature_extractor"])
+                    theirs_stats = reference_stats
                 else:
-                    raw.update(fid_statistics_to_metric(
-                        ours_stats, fid_featuresdict_to_statistics(theirs, layers["fid"]), False))
+                    theirs_stats = fid_featuresdict_to_statistics(theirs, layers["fid"])
+                    raw.update(fid_statistics_to_metric(ours_stats, theirs_stats, False))
+                stats.features = ours[layers["fid"]].numpy()
+                stats.ref_mu = np.asarray(theirs_stats["mu"], np.float64)
+                stats.ref_sigma = np.asarray(theirs_stats["sigma"], np.float64)
             if "kid" in layers:
                 subset = min(self.kid_subset_size, n, len(theirs[layers["kid"]]))
                 raw.update(kid_featuresdict_to_metric(ours, theirs, layers["kid"], **kwargs, kid_subset_size=subset))
+                if stats.features is None or layers.get("fid") == layers["kid"]:
+                    # torch-fidelity's default kernel: (x.y / D + 1)^3
+                    stats.features = ours[layers["kid"]].numpy()
+                    stats.kid_kernel = np.array([1.0 / stats.features.shape[1], 1.0, 3.0])
+                    stats.kxy_mean = np.concatenate([
+                        intervals.kid_kernel(part, theirs[layers["kid"]].numpy(), stats.kid_kernel).mean(1)
+                        for part in np.array_split(stats.features, max(1, n // 1000))])
             if "prc" in layers:
                 raw.update(prc_featuresdict_to_metric(ours, theirs, layers["prc"], **kwargs))
+                stats.in_reference, stats.covers = intervals.prc_terms(ours[layers["prc"]], theirs[layers["prc"]])
+                stats.n_reference = len(theirs[layers["prc"]])
+            if "isc" in layers:
+                stats.logits = ours[layers["isc"]].numpy()
         scores = {f"{_RENAME[k]}{self.suffix}": float(v) for k, v in raw.items() if k in _RENAME}
         for name, value in scores.items():
             if not math.isfinite(value):
                 raise UserError(f"{name} came out {value} on {n} samples; no scores were written "
                                 f"(look at the samples and the metric settings)")
-        return scores
+        return scores, stats
 
     def _reference_identity(self, reference: "ReferenceFile | None", kwargs: dict) -> str | None:
         """What names the reference set in the cache key: a registered dataset's name or the .npz file's sha256.

@@ -91,21 +91,24 @@ class FashionMNISTMetrics(FidelityMetric):
                                             _FashionMNISTImages(split))
         return {"feature_extractor": name, "feature_extractor_weights_path": self.evaluator_path, "input2": dataset}
 
-    def __call__(self, samples_dir, labels, device):
-        scores = super().__call__(samples_dir, labels, device)
+    def score(self, samples_dir, labels, device):
+        scores, stats = super().score(samples_dir, labels, device)
         if self.class_accuracy:
-            scores["class_accuracy"] = class_accuracy(evaluator_lib.load(self.evaluator_path).to(device),
-                                                      samples_dir, labels, device)
-        return scores
+            stats.correct = correct_labels(evaluator_lib.load(self.evaluator_path).to(device), samples_dir, labels,
+                                           device)
+            scores["class_accuracy"] = float(stats.correct.mean())
+        return scores, stats
 
 
 @torch.no_grad()
-def class_accuracy(model, samples_dir: Path, labels: list[int], device, batch_size: int = 500) -> float:
-    """Share of samples the evaluator assigns to the class they were generated for."""
-    correct = 0
+def correct_labels(model, samples_dir: Path, labels: list[int], device, batch_size: int = 500) -> np.ndarray:
+    """For each sample, whether the evaluator assigns it to the class it was generated for (class accuracy is their
+    share)."""
+    correct = []
     for start in range(0, len(labels), batch_size):
         chunk = range(start, min(start + batch_size, len(labels)))
         images = np.stack([np.array(Image.open(sample_path(samples_dir, i)).convert("L")) for i in chunk])
         logits = model(torch.from_numpy(images)[:, None].to(device))
-        correct += (logits.argmax(1).cpu() == torch.tensor([labels[i] for i in chunk])).sum().item()
-    return correct / len(labels)
+        correct.append((logits.argmax(1).cpu() == torch.tensor([labels[i] for i in chunk])).numpy())
+    return np.concatenate(correct)
+

@@ -44,7 +44,7 @@ def scored(tmp_path_factory, tiny_evaluator_path, fidelity_cache):
     metric = FashionMNISTMetrics(str(tiny_evaluator_path), isc_splits=1, kid_subset_size=100,
                                  cache_root=str(fidelity_cache))
     metric.check(len(wrong))
-    scores = metric(store.dir, wrong.tolist(), torch.device("cpu"))
+    scores = metric(store.dir, wrong.tolist(), torch.device("cpu"), stats_path=store.dir.parent / "features.npz")
     return scores, images, chosen, wrong, evaluator_lib.load(tiny_evaluator_path), store.dir
 
 
@@ -169,3 +169,23 @@ def test_weights_that_would_download_are_checked_before_sampling(tmp_path, monke
             InceptionMetrics(str(tmp_path), feature_extractor=extractor).check(100)
     monkeypatch.setattr(hub, "reachable", lambda url, timeout=3.0: True)
     InceptionMetrics(str(tmp_path)).check(100)
+
+
+def test_every_score_has_its_interval_and_the_features_are_kept(scored):
+    """Each metric has a 95% bootstrap interval around its estimate; FID-infinity is there with its own; the
+    per-sample statistics on disk give back the same intervals (the report's paired differences start from them)."""
+    from diffguide.metrics import intervals
+
+    scores, _, _, wrong, _, samples = scored
+    for key in ("fid_fmnist", "kid_fmnist", "isc_fmnist", "precision_fmnist", "recall_fmnist", "class_accuracy",
+                "fid_inf_fmnist"):
+        assert scores[f"{key}_lo"] <= scores[key] <= scores[f"{key}_hi"], key
+    assert scores["fid_fmnist_lo"] < scores["fid_fmnist"] < scores["fid_fmnist_hi"]
+    assert scores["bootstrap_replicates"] == 1000
+    stats = intervals.PointStats.load(samples.parent / "features.npz")
+    assert stats.available() == list(intervals.NAMES) and np.array_equal(stats.labels, wrong.numpy())
+    assert stats.correct.mean() == scores["class_accuracy"]
+    estimates = {"fid": scores["fid_fmnist"], "precision": scores["precision_fmnist"]}
+    again = intervals.intervals(stats, estimates, 1000)
+    assert again["fid"] == (scores["fid_fmnist_lo"], scores["fid_fmnist_hi"])
+    assert again["precision"] == (scores["precision_fmnist_lo"], scores["precision_fmnist_hi"])
