@@ -1,15 +1,23 @@
-"""A sweep's report: every job's results in one CSV, and the plots the guidance papers draw.
+"""A sweep's report: every point's results with intervals, paired differences to a baseline, seeds aggregated, and
+the plots the guidance papers draw, with error bars.
 
-    python -m diffguide.report SWEEP_DIR [--out SWEEP_DIR/report] [--metric fid_fmnist]
+    python -m diffguide.report SWEEP_DIR [--out SWEEP_DIR/report] [--metric fid_fmnist] [--baseline cfg]
 
 Collects every metrics.json (a finished point) and failed.json (a point that stopped with an error) under
-SWEEP_DIR, writes report.csv, and draws with matplotlib:
+SWEEP_DIR and writes:
+    report.csv            every point, every value (with each metric's 95% interval NAME_lo, NAME_hi where scored)
+    report.md             the table printed on stdout: each setting with N, its intervals, and its paired
+                          difference to the baseline (marked * where the 95% interval excludes 0)
     fid_vs_scale.png      FID against the guidance scale, one line per method (and sampler/steps where they vary)
-    fid_vs_is.png         the FID / Inception-score trade-off, one curve per method over its scales
-    precision_recall.png  precision against recall, one curve per method
-    fid_vs_nfe.png        FID against network evaluations per sample
+    fid_vs_class_accuracy.png, precision_recall.png, fid_vs_nfe.png
+                          the trade-offs with interval bars, and the Pareto front over all points (dashed)
+    fid_vs_is.png         FID against IS, one curve per method over its scales
     samples_METHOD.png    the first samples of every scale, one row per scale
-A sweep still running can be reported at any time: only finished points are drawn.
+The baseline (--baseline, default cfg) is that method's point with the lowest FID among the points with the most
+samples, or METHOD@SCALE. A difference is paired: both points' sample i started from the same seed and label, and
+the bootstrap resamples the sample indices the two share (features.npz of each point; no network is run).
+Points that differ only in `seed` are one setting: the table gives their mean, their standard deviation and a 95%
+t-interval over the seeds. A sweep still running can be reported at any time: only finished points are used.
 """
 
 import argparse
@@ -20,10 +28,16 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from diffguide import results
 from diffguide.checkpoint import atomic_write_bytes, atomic_write_text
+from diffguide.metrics import intervals
 
-FIXED = ["guidance", "scale", "sampler", "steps", "status", "reason", "nfe", "num_samples"]
+FIXED = ["guidance", "scale", "sampler", "steps", "seed", "status", "reason", "nfe", "num_samples"]
+#: the statistics the table shows, in order: (name in intervals.NAMES or fid_inf, number format)
+SHOWN = [("fid", "{:.2f}"), ("fid_inf", "{:.2f}"), ("class_accuracy", "{:.3f}"), ("precision", "{:.3f}"),
+         ("recall", "{:.3f}"), ("isc", "{:.2f}"), ("kid", "{:.4f}")]
 
 
 def collect(sweep: Path) -> list[dict]:
@@ -31,7 +45,10 @@ def collect(sweep: Path) -> list[dict]:
     rows = []
     for point in results.read(sweep, skip=frozenset({"report"})):
         row = {k: v for k, v in point.record.items() if not isinstance(v, (dict, list))}
-        row.update(status=point.status, job=str(point.folder.relative_to(sweep)))
+        row.update(status=point.status, job=str(point.folder.relative_to(sweep)), _dir=str(point.folder))
+        config = point.record.get("config") or {}
+        if row.get("seed") is None and isinstance(config.get("seed"), int):
+            row["seed"] = config["seed"]
         if point.status == "done":
             guidance_cfg = (point.record.get("config") or {}).get("guidance") or {}
             row.update(reason="", _settings={k: v for k, v in guidance_cfg.items() if k not in ("scale", "_target_")})
@@ -63,9 +80,9 @@ def _series(rows: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for row in done:
         settings = row.get("_settings") or {}
-        label = " ".join([str(row["guidance"])]
-                         + [f"{k}={settings.get(k)}" for k in sorted(varied_settings[row["guidance"]])]
-                         + [f"{key}={row.get(key)}" for key in vary])
+        label = row.get("_label") or " ".join(
+            [str(row["guidance"])] + [f"{k}={settings.get(k)}" for k in sorted(varied_settings[row["guidance"]])]
+            + [f"{key}={row.get(key)}" for key in vary])
         groups.setdefault(label, []).append(row)
     for points in groups.values():
         points.sort(key=lambda r: -math.inf if r.get("scale") is None else float(r["scale"]))
@@ -73,8 +90,147 @@ def _series(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def _metric(rows: list[dict], prefix: str) -> str | None:
-    names = sorted({key for row in rows for key in row if key.startswith(prefix) and "_std" not in key})
+    names = sorted({key for row in rows for key in row if key_of(prefix, key)})
     return names[0] if names else None
+
+
+def key_of(name: str, key: str) -> bool:
+    """Whether `key` is statistic `name`'s column: the name itself or the name and a metric's one-word suffix
+    (fid_fmnist, fid_dinov2), not a bound (_lo, _hi), a spread (isc_std_...) or a longer name (fid_inf_...)."""
+    return key == name or (key.startswith(name + "_") and "_" not in key[len(name) + 1:])
+
+
+def column(row: dict, name: str) -> str | None:
+    return next((key for key in row if key_of(name, key) and isinstance(row[key], (int, float))), None)
+
+
+# --- settings: the points of one method/scale, over seeds ---
+
+def settings(rows: list[dict]) -> dict[tuple[str, object], list[dict]]:
+    """(curve label, scale) -> its finished points, one per seed."""
+    out: dict[tuple[str, object], list[dict]] = {}
+    for label, points in _series(rows).items():
+        for row in points:
+            out.setdefault((label, row.get("scale")), []).append(row)
+    return out
+
+
+def overlapping_seeds(points: list[dict]) -> list[str]:
+    """Pairs of a setting's points whose samples overlap (sample i is seeded with seed + i): not independent."""
+    spans = sorted((p.get("seed") or 0, (p.get("seed") or 0) + int(p.get("num_samples") or 0)) for p in points)
+    return [f"seeds {a} and {c}" for (a, b), (c, _) in zip(spans, spans[1:]) if c < b]
+
+
+def aggregate(points: list[dict], name: str) -> tuple[float, float, float, float] | None:
+    """(value, low, high, spread) of statistic `name` over a setting's points: one point: its value and bootstrap
+    interval (spread 0); several seeds: their mean, a 95% t-interval over seeds and their standard deviation."""
+    key = column(points[0], name)
+    if key is None:
+        return None
+    values = [float(p[key]) for p in points if p.get(key) is not None]
+    if len(values) == 1:
+        low, high = points[0].get(f"{key}_lo"), points[0].get(f"{key}_hi")
+        return values[0], (math.nan if low is None else low), (math.nan if high is None else high), 0.0
+    from scipy.stats import t
+
+    mean, spread = float(np.mean(values)), float(np.std(values, ddof=1))
+    half = float(t.ppf(0.975, len(values) - 1)) * spread / math.sqrt(len(values))
+    return mean, mean - half, mean + half, spread
+
+
+def _stats(point: dict) -> intervals.PointStats | None:
+    path = Path(point["_dir"]) / "features.npz"
+    return intervals.PointStats.load(path) if path.is_file() else None
+
+
+def differences(points: list[dict], baseline: list[dict], replicate_count: int = 1000) -> dict[str, tuple]:
+    """name -> (difference, low, high) of the setting's statistics minus the baseline's, paired over the sample
+    indices (each seed against the baseline's point of the same seed and size; several seeds: the mean difference,
+    its replicates the mean of each seed's). Statistics without per-sample terms on both sides are left out."""
+    per_name: dict[str, list[tuple[float, np.ndarray]]] = {}
+    for point in points:
+        partner = next((b for b in baseline if b.get("seed") == point.get("seed")
+                        and b.get("num_samples") == point.get("num_samples")), None)
+        if partner is None:
+            return {}
+        a, b = _stats(point), _stats(partner)
+        if a is None or b is None or len(a) != len(b) or not np.array_equal(a.labels, b.labels):
+            return {}
+        weights = intervals.counts(intervals.resample(len(a), replicate_count), len(a))
+        for name in set(a.available()) & set(b.available()):
+            key = column(point, name)
+            if key is None or column(partner, name) != key:
+                continue
+            if point is partner or point["_dir"] == partner["_dir"]:
+                reps = np.zeros(replicate_count)
+            else:
+                reps = intervals.replicates(a, name, weights) - intervals.replicates(b, name, weights)
+            per_name.setdefault(name, []).append((float(point[key]) - float(partner[key]), reps))
+    out = {}
+    for name, items in per_name.items():
+        if len(items) == len(points):
+            estimate = float(np.mean([e for e, _ in items]))
+            low, high = intervals.interval(estimate, np.mean([r for _, r in items], 0))
+            out[name] = (estimate, low, high)
+    return out
+
+
+def significant(low: float, high: float) -> bool:
+    return low > 0 or high < 0
+
+
+def choose_baseline(table: dict, spec: str | None, fid: str | None) -> tuple | None:
+    """The setting named by `spec` (METHOD or METHOD@SCALE; a curve label or a guidance name): with no scale, its
+    lowest-FID setting among those with the most samples."""
+    if not spec:
+        return None
+    name, _, scale = spec.partition("@")
+    found = [key for key, points in table.items()
+             if (key[0] == name or points[0].get("guidance") == name)
+             and (not scale or (key[1] is not None and math.isclose(float(key[1]), float(scale))))]
+    if not found:
+        return None
+    most = max(table[key][0].get("num_samples") or 0 for key in found)
+    found = [key for key in found if (table[key][0].get("num_samples") or 0) == most]
+    return min(found, key=lambda key: (aggregate(table[key], "fid") or (math.inf,))[0])
+
+
+def _cell(value, fmt, low=math.nan, high=math.nan) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    text = fmt.format(value)
+    if not (math.isnan(low) or math.isnan(high)):
+        text += f" [{fmt.format(low)}, {fmt.format(high)}]"
+    return text
+
+
+def markdown(table: dict, baseline: tuple | None, diffs: dict) -> str:
+    """Each setting: N, seeds, NFE, wall time, every statistic with its interval, and its paired difference to the
+    baseline for FID and class accuracy (* where the interval excludes 0)."""
+    shown = [(name, fmt) for name, fmt in SHOWN if any(column(p[0], name) for p in table.values())]
+    headers = ["method", "scale", "N", "seeds", "nfe", "wall s"]
+    for name, _ in shown:
+        key = next(column(p[0], name) for p in table.values() if column(p[0], name))
+        headers.append(key)
+        if name in ("fid", "class_accuracy") and baseline is not None:
+            headers.append(f"Δ{name} vs {baseline[0]}" + ("" if baseline[1] is None else f" {baseline[1]:g}"))
+    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    for key, points in table.items():
+        first = points[0]
+        seeds = sorted(p.get("seed") for p in points if p.get("seed") is not None)
+        cells = [key[0], "" if key[1] is None else f"{key[1]:g}", str(first.get("num_samples", "")),
+                 ",".join(map(str, seeds)), _cell(first.get("nfe"), "{:.1f}"),
+                 _cell(float(np.mean([p.get("wall_time_s", math.nan) for p in points])), "{:.0f}")]
+        for name, fmt in shown:
+            value = aggregate(points, name)
+            cells.append("" if value is None else _cell(value[0], fmt, value[1], value[2])
+                         + (f" ±{fmt.format(value[3])}" if len(points) > 1 else ""))
+            if name in ("fid", "class_accuracy") and baseline is not None:
+                d = diffs.get(key, {}).get(name)
+                cells.append("baseline" if key == baseline else "" if d is None else
+                             _cell(d[0], "{:+" + fmt[2:], d[1], d[2]) + (" *" if significant(d[1], d[2]) else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _save(fig, path: Path) -> None:
@@ -83,43 +239,93 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot(rows: list[dict], out: Path, fid_key: str | None = None) -> list[Path]:
+def pareto(points: list[tuple[float, float]], x_better: int, y_better: int) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (`*_better`: +1 higher is better, -1 lower), sorted by x."""
+    def beats(a, b):
+        return (x_better * (a[0] - b[0]) >= 0 and y_better * (a[1] - b[1]) >= 0) and a != b
+
+    return sorted(p for p in points if not any(beats(q, p) for q in points))
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = _series(rows)
-    fid = fid_key or _metric(rows, "fid")
+    table = settings(rows)
+    labels = sorted({key[0] for key in table})
+    fid_name = "fid"
     written = []
-    specs = [("fid_vs_scale.png", "scale", fid, "guidance scale (each method's own convention)", "FID"),
-             ("fid_vs_is.png", _metric(rows, "isc"), fid, "Inception score", "FID"),
-             ("precision_recall.png", _metric(rows, "recall"), _metric(rows, "precision"), "recall", "precision"),
-             ("fid_vs_nfe.png", "nfe", fid, "network evaluations per sample", "FID")]
-    for name, x_key, y_key, x_label, y_label in specs:
-        if x_key is None or y_key is None:
-            continue
+    # (file, x statistic, y statistic, x better, y better: +1 higher, -1 lower, 0 no front)
+    specs = [("fid_vs_scale.png", "scale", fid_name, 0, 0),
+             ("fid_vs_is.png", "isc", fid_name, 0, 0),
+             ("fid_vs_class_accuracy.png", "class_accuracy", fid_name, 1, -1),
+             ("precision_recall.png", "recall", "precision", 1, 1),
+             ("fid_vs_nfe.png", "nfe", fid_name, -1, -1)]
+    for name, x_stat, y_stat, x_better, y_better in specs:
         fig, ax = plt.subplots(figsize=(7.5, 5))
-        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors[:len(groups) or 1])
+        colours = plt.get_cmap("tab20").colors
         markers = "osD^v<>pPXh*"
-        drawn = 0
-        for index, (label, points) in enumerate(sorted(groups.items())):
-            pts = [(float(p[x_key]), float(p[y_key])) for p in points
-                   if p.get(x_key) is not None and p.get(y_key) is not None]
+        drawn, everything, axis_names = 0, [], [None, None]
+        for index, label in enumerate(labels):
+            pts = []
+            for (curve, scale), points in sorted(table.items(), key=lambda kv: -math.inf if kv[0][1] is None
+                                                 else float(kv[0][1])):
+                if curve != label:
+                    continue
+                xs = _axis(points, x_stat, scale)
+                ys = _axis(points, y_stat, scale)
+                if xs is None or ys is None:
+                    continue
+                axis_names = [xs[4], ys[4]]
+                pts.append((xs, ys))
             if not pts:
                 continue
-            ax.plot(*zip(*pts), marker=markers[index % len(markers)], label=label)
+            colour = colours[index % len(colours)]
+            x = [p[0][0] for p in pts]
+            y = [p[1][0] for p in pts]
+            ax.plot(x, y, marker=markers[index % len(markers)], color=colour, label=label)
+            xerr = _bars(pts, 0)
+            yerr = _bars(pts, 1)
+            if xerr is not None or yerr is not None:
+                ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor=colour, alpha=0.5, capsize=2)
+            everything += list(zip(x, y))
             drawn += 1
         if drawn:
-            ax.set_xlabel(x_label)
-            ax.set_ylabel(y_label.replace("FID", fid or "FID"))
+            if x_better and y_better and len(everything) > 1:
+                front = pareto(everything, x_better, y_better)
+                ax.plot(*zip(*front), ls="--", color="black", lw=1, label="Pareto front (all points)")
+            ax.set_xlabel(axis_names[0] if x_stat != "nfe" else "nfe (network evaluations per sample)")
+            ax.set_ylabel(axis_names[1])
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, ncol=2)
             _save(fig, out / name)
             written.append(out / name)
         plt.close(fig)
-    written += sample_grids(groups, out)
+    written += sample_grids(_series(rows), out)
     return written
+
+
+def _axis(points: list[dict], stat: str, scale) -> tuple | None:
+    """(value, low, high, spread, column name) of a setting on one axis: a statistic, or the scale, or NFE."""
+    if stat == "scale":
+        return None if scale is None else (float(scale), math.nan, math.nan, 0.0, "guidance scale (each method's own "
+                                           "convention)")
+    if stat == "nfe":
+        value = points[0].get("nfe")
+        return None if value is None else (float(value), math.nan, math.nan, 0.0, "nfe")
+    value = aggregate(points, stat)
+    return None if value is None else (*value, column(points[0], stat))
+
+
+def _bars(pts, axis: int):
+    """matplotlib's asymmetric error bars from each point's interval (None where no point has one)."""
+    lows = [p[axis][0] - p[axis][1] for p in pts]
+    highs = [p[axis][2] - p[axis][0] for p in pts]
+    if all(math.isnan(v) for v in lows + highs):
+        return None
+    return [[0.0 if math.isnan(v) else v for v in lows], [0.0 if math.isnan(v) else v for v in highs]]
 
 
 def sample_grids(groups: dict[str, list[dict]], out: Path, per_row: int = 10) -> list[Path]:
@@ -149,11 +355,40 @@ def sample_grids(groups: dict[str, list[dict]], out: Path, per_row: int = 10) ->
     return written
 
 
+def report(rows: list[dict], baseline_spec: str | None = "cfg") -> tuple[str, list[str]]:
+    """The markdown table of `rows` (finished points; `_dir` each point's folder), its notes, and each row's paired
+    difference columns added in place (delta_NAME, delta_NAME_lo, delta_NAME_hi, for the CSV)."""
+    table = settings(rows)
+    notes = []
+    baseline = choose_baseline(table, baseline_spec, None)
+    if baseline_spec and baseline is None:
+        notes.append(f"no finished point of baseline {baseline_spec!r}: no differences")
+    diffs = {}
+    for key, points in table.items():
+        overlap = overlapping_seeds(points)
+        if overlap:
+            notes.append(f"{key[0]} {key[1]}: {', '.join(overlap)} share samples (sample i starts from seed + i): "
+                         f"space seeds num_samples apart for independent seeds")
+        if baseline is not None:
+            diffs[key] = differences(points, table[baseline])
+            for point in points:
+                for name, (estimate, low, high) in diffs[key].items():
+                    col = column(point, name)
+                    point[f"delta_{col}"], point[f"delta_{col}_lo"], point[f"delta_{col}_hi"] = estimate, low, high
+    if baseline is not None:
+        unpaired = [f"{k[0]} {k[1]}" for k in table if k not in diffs or not diffs[k]]
+        if unpaired:
+            notes.append(f"{len(unpaired)} setting(s) not paired with the baseline (other seeds or sample count, or "
+                         f"no features.npz): {'; '.join(unpaired[:5])}{'; ...' if len(unpaired) > 5 else ''}")
+    return markdown(table, baseline, diffs), notes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffguide.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep", type=Path, help="a sweep (or run) folder")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: SWEEP/report)")
-    parser.add_argument("--metric", default=None, help="the FID column to plot (default: the first fid_* found)")
+    parser.add_argument("--baseline", default="cfg",
+                        help="METHOD (its lowest-FID point) or METHOD@SCALE; '' for no differences (default: cfg)")
     args = parser.parse_args(argv)
     if not args.sweep.is_dir():
         print(f"error: {args.sweep} is not a folder", file=sys.stderr)
@@ -162,13 +397,23 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"error: no {results.METRICS} or {results.FAILED} under {args.sweep}", file=sys.stderr)
         return 2
-    for row in rows:
-        row["_dir"] = str(args.sweep / row["job"])
     out = args.out or args.sweep / "report"
     out.mkdir(parents=True, exist_ok=True)
+    done = [r for r in rows if r["status"] == "done"]
+    text, notes = report(done, args.baseline) if done else ("", [])
     write_csv(rows, out / "report.csv")
-    written = plot(rows, out, args.metric)
+    written = plot(rows, out)
     failed = [r for r in rows if r["status"] == "failed"]
+    if text:
+        counts = sorted({int(r.get("num_samples") or 0) for r in done})
+        legend = (f"95% intervals in brackets (bootstrap over samples; over seeds where a setting has several, "
+                  f"± their standard deviation); N = {'/'.join(map(str, counts))} samples per point; "
+                  f"* a paired difference whose interval excludes 0")
+        atomic_write_text(out / "report.md", f"{text}\n\n{legend}\n" + "".join(f"\n- {n}" for n in notes))
+        print(text)
+        print(f"\n{legend}")
+    for note in notes:
+        print(f"note: {note}")
     print(f"{len(rows) - len(failed)} finished, {len(failed)} failed points -> {out / 'report.csv'}")
     for row in failed:
         print(f"  failed: {row['job']}: {row.get('reason', '')}")

@@ -1,0 +1,132 @@
+"""diffguide.report: intervals in the table, paired differences to a baseline with significance marks, seeds
+aggregated, and the trade-off plots with interval bars; on hand-made points whose features are synthetic."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import t as student_t
+
+from diffguide import report
+from diffguide.metrics import intervals as iv
+
+
+def _point(folder, guidance, scale, features, reference, labels, seed=0, correct=None):
+    """A finished point: features.npz from `features`, metrics.json from the same statistics on the full sample."""
+    folder.mkdir(parents=True)
+    stats = iv.PointStats(labels=np.asarray(labels))
+    ref_mu, ref_sigma = reference.mean(0), np.cov(reference, rowvar=False)
+    stats.features, stats.ref_mu, stats.ref_sigma = features, ref_mu, ref_sigma
+    stats.in_reference, stats.covers = iv.prc_terms(torch.from_numpy(features), torch.from_numpy(reference))
+    stats.n_reference = len(reference)
+    stats.correct = np.asarray(correct if correct is not None else np.ones(len(labels), bool))
+    stats.save(folder / "features.npz")
+    ones = np.ones((1, len(labels)))
+    estimates = {name: float(iv.replicates(stats, name, ones)[0]) for name in ("fid", "precision", "recall")}
+    estimates["class_accuracy"] = float(stats.correct.mean())
+    record = {"guidance": guidance, "scale": scale, "sampler": "ddim", "steps": 25, "nfe": 50.0,
+              "num_samples": len(labels), "wall_time_s": 10.0, "config": {"seed": seed, "guidance": {"scale": scale}}}
+    for name, value in estimates.items():
+        key = name if name == "class_accuracy" else f"{name}_x"
+        record[key] = value
+        record[f"{key}_lo"], record[f"{key}_hi"] = iv.intervals(stats, {name: value}, 300)[name]
+    (folder / "metrics.json").write_text(json.dumps(record))
+    return record
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    rng = np.random.default_rng(0)
+    n, d = 300, 6
+    reference = rng.normal(0, 1, (1000, d))
+    base = rng.normal(0.1, 1, (n, d))
+    labels = np.arange(n) % 10
+    _point(tmp_path / "cfg-1.5", "cfg", 1.5, base, reference, labels)
+    _point(tmp_path / "cfg-2", "cfg", 2.0, base + 0.4, reference, labels)       # far worse: significant
+    # the same samples in another order: the same FID, and a paired difference that is noise only
+    _point(tmp_path / "apg-2", "apg", 2.0, base[rng.permutation(n)], reference, labels)
+    return tmp_path
+
+
+def test_table_has_intervals_and_marks_only_what_the_paired_interval_separates(sweep):
+    """cfg 1.5 (the lowest FID of cfg) is the baseline; cfg 2 is worse with a paired interval above 0 (marked *);
+    apg, whose samples are the baseline's in another order, has a FID difference whose interval holds 0 (no mark)."""
+    rows = [r for r in report.collect(sweep) if r["status"] == "done"]
+    text, notes = report.report(rows, "cfg")
+    assert next(line for line in text.splitlines() if line.startswith("| cfg | 1.5 |")).split("|")[8].strip() \
+        == "baseline"
+    worse = next(r for r in rows if r["guidance"] == "cfg" and r["scale"] == 2.0)
+    apg = next(r for r in rows if r["guidance"] == "apg")
+    assert worse["delta_fid_x_lo"] > 0 and worse["delta_fid_x"] == pytest.approx(worse["fid_x"] - _fid(rows, 1.5))
+    assert apg["delta_fid_x_lo"] < 0 < apg["delta_fid_x_hi"]
+    table = text.splitlines()
+    row_worse = next(line for line in table if line.startswith("| cfg | 2 |"))
+    row_apg = next(line for line in table if line.startswith("| apg | 2 |"))
+    assert " *" in row_worse.split("|")[8] and "*" not in row_apg
+    assert f"[{worse['fid_x_lo']:.2f}, {worse['fid_x_hi']:.2f}]" in row_worse  # the point's own interval
+    assert not notes
+
+
+def _fid(rows, scale):
+    return next(r["fid_x"] for r in rows if r["guidance"] == "cfg" and r["scale"] == scale)
+
+
+def test_the_baseline_against_itself_is_exactly_zero(sweep):
+    rows = [r for r in report.collect(sweep) if r["status"] == "done"]
+    table = report.settings(rows)
+    baseline = report.choose_baseline(table, "cfg", None)
+    assert baseline == ("cfg", 1.5)
+    diffs = report.differences(table[baseline], table[baseline])
+    assert diffs and all(d == (0.0, 0.0, 0.0) for d in diffs.values())
+    assert report.choose_baseline(table, "cfg@2", None) == ("cfg", 2.0)
+
+
+def test_seeds_are_aggregated_with_a_t_interval(tmp_path):
+    """Three seeds of one setting: the mean, the sd and mean +- t(0.975, 2) sd / sqrt(3)."""
+    rng = np.random.default_rng(1)
+    reference = rng.normal(0, 1, (500, 4))
+    fids = []
+    for seed in (0, 1000, 2000):
+        record = _point(tmp_path / f"s{seed}", "cfg", 1.5, rng.normal(0.2, 1, (200, 4)), reference,
+                        np.arange(200) % 10, seed=seed)
+        fids.append(record["fid_x"])
+    rows = report.collect(tmp_path)
+    table = report.settings(rows)
+    assert list(table) == [("cfg", 1.5)]
+    value, low, high, spread = report.aggregate(table[("cfg", 1.5)], "fid")
+    half = student_t.ppf(0.975, 2) * np.std(fids, ddof=1) / math.sqrt(3)
+    assert value == pytest.approx(np.mean(fids)) and spread == pytest.approx(np.std(fids, ddof=1))
+    assert (low, high) == pytest.approx((np.mean(fids) - half, np.mean(fids) + half))
+    text, notes = report.report(rows, "cfg")
+    assert "0,1000,2000" in text and not notes
+
+
+def test_overlapping_seeds_are_named(tmp_path):
+    rng = np.random.default_rng(2)
+    reference = rng.normal(0, 1, (300, 4))
+    for seed in (0, 1):
+        _point(tmp_path / f"s{seed}", "cfg", 1.5, rng.normal(0, 1, (100, 4)), reference, np.zeros(100), seed=seed)
+    _, notes = report.report(report.collect(tmp_path), "cfg")
+    assert any("seeds 0 and 1 share samples" in n for n in notes)
+
+
+def test_report_command_writes_table_csv_and_plots_with_their_metric_names(sweep, capsys):
+    assert report.main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "| method | scale | N |" in out and "fid_x" in out and "Δfid vs cfg 1.5" in out
+    rows = {(r["guidance"], r["scale"]): r for r in csv.DictReader((sweep / "report" / "report.csv").open())}
+    assert float(rows[("cfg", "2.0")]["delta_fid_x_lo"]) > 0
+    for name in ("fid_vs_scale.png", "fid_vs_class_accuracy.png", "precision_recall.png", "fid_vs_nfe.png"):
+        assert (sweep / "report" / name).stat().st_size > 1000
+    assert (sweep / "report" / "report.md").read_text().startswith("| method |")
+    table = report.settings([r for r in report.collect(sweep) if r["status"] == "done"])
+    assert report._axis(table[("cfg", 1.5)], "precision", 1.5)[4] == "precision_x"  # axis named by its column
+
+
+def test_pareto_front():
+    points = [(0.9, 3.0), (0.8, 2.0), (0.95, 5.0), (0.85, 4.0), (0.7, 2.5)]
+    # higher accuracy and lower FID are better: (0.85, 4.0) is beaten by (0.9, 3.0), (0.7, 2.5) by (0.8, 2.0)
+    assert report.pareto(points, 1, -1) == [(0.8, 2.0), (0.9, 3.0), (0.95, 5.0)]
