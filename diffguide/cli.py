@@ -37,9 +37,40 @@ def sweep_points(overrides: list[str], multirun: bool) -> list[tuple[str, list[s
     parsed = OverridesParser.create().parse_overrides(overrides)
     if not multirun:
         return [("", list(overrides))]
-    axes = [[(f"{o.get_key_element()}={v}", True) for v in o.sweep_string_iterator()] if o.is_sweep_override()
+    axes = [_search_space(o) if _searched(o) else
+            [(f"{o.get_key_element()}={v}", True) for v in o.sweep_string_iterator()] if o.is_sweep_override()
             else [(o.input_line, False)] for o in parsed]
     return [(" ".join(o for o, swept in point if swept), [o for o, _ in point]) for point in itertools.product(*axes)]
+
+
+#: an optimising sweeper's search space (hydra/sweeper=tune): hydra.sweeper.params.KEY=interval(a,b) | choice(...)
+_SEARCH = "hydra.sweeper.params."
+
+
+def _searched(override) -> bool:
+    from hydra.core.override_parser.types import IntervalSweep
+
+    return override.get_key_element().startswith(_SEARCH) or isinstance(override.value(), IntervalSweep)
+
+
+def _search_space(override) -> list[tuple[str, bool]]:
+    """The points an optimising sweeper's search space stands for, to check: KEY at both ends of an interval
+    (`scale=interval(1,3)`, or `hydra.sweeper.params.scale='interval(1,3)'`), at every value of a choice or range.
+    The search itself is the sweeper's."""
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+
+    key = override.get_key_element()
+    if key.startswith(_SEARCH):  # the search space written as a string: read it as the sweeper will
+        key = key[len(_SEARCH):]
+        override = OverridesParser.create().parse_overrides([f"{key}={override.value()}"])[0]
+    value = override.value()
+    if isinstance(value, IntervalSweep):
+        values = [value.start, value.end]
+    elif isinstance(value, (ChoiceSweep, RangeSweep)):
+        values = list(override.sweep_string_iterator())
+    else:
+        values = [override.get_value_element_as_str()]
+    return [(f"{key}={v}", True) for v in values]
 
 
 def compose_point(overrides: list[str]) -> DictConfig:

@@ -1,7 +1,7 @@
 """Where the configs live, the resolvers they use, and the schema that validates the run config."""
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +19,14 @@ class Precision(enum.Enum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+
+
+@dataclass
+class TuneConfig:
+    """What a `hydra/sweeper=tune` sweep minimises (see run.objective)."""
+
+    metric: Optional[str] = None                 # null: the first fid_* the metric writes
+    min_class_accuracy: Optional[float] = None   # a floor: points below it are penalised
 
 
 @dataclass
@@ -40,6 +48,7 @@ class RunConfig:
     precision: Precision = Precision.bf16
     out_dir: Optional[str] = None
     grid_size: int = 100
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 def _first_not_null(*values):
@@ -51,7 +60,12 @@ def job_dirname(overrides, exclude) -> str:
     that do not change the images (paths, device, batch size, sample count: a sweep can be extended in place) and
     with no path separators, so every job is one folder under the sweep dir."""
     exclude = set(exclude or ())
-    kept = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in exclude)
+    prefixes = tuple(e[:-1] for e in exclude if e.endswith(".*"))  # `group.*`: every key of the group
+
+    def left_out(key: str) -> bool:
+        return key in exclude or key.startswith(prefixes) if prefixes else key in exclude
+
+    kept = sorted(o for o in overrides if not left_out(o.split("=", 1)[0].lstrip("+~")))
     return ",".join(o.replace("/", "_") for o in kept) or "defaults"
 
 

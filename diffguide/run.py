@@ -219,13 +219,33 @@ def _reason(exc: BaseException, folder: str) -> str | None:
     return None
 
 
-def main(cfg: DictConfig, session: Session) -> None:
-    """The task Hydra runs for the point (or for each point of a sweep); the only reader of Hydra's view of the job."""
+def objective(result: dict, tune: DictConfig) -> float:
+    """What a scale search minimises for a finished point: `tune.metric` (default: the first fid_* in the result),
+    plus 100 x the shortfall below `tune.min_class_accuracy` where one is set (0.01 short adds 1 to FID: a point
+    under the floor loses to every point above it with a FID within that margin). NaN when the point has no such
+    metric (Optuna then records the trial as failed)."""
+    name = tune.metric or next((k for k in sorted(result) if k == "fid" or (
+        k.startswith("fid_") and "_" not in k[4:] and k[4:] not in ("inf", "lo", "hi", "std"))), None)
+    value = result.get(name) if name else None
+    if not isinstance(value, (int, float)):
+        return math.nan
+    floor = tune.min_class_accuracy
+    if floor is not None:
+        accuracy = result.get("class_accuracy")
+        if accuracy is None:
+            return math.nan
+        value += 100.0 * max(0.0, floor - accuracy)
+    return float(value)
+
+
+def main(cfg: DictConfig, session: Session) -> float:
+    """The task Hydra runs for the point (or for each point of a sweep); the only reader of Hydra's view of the job.
+    Returns the point's objective (see `objective`), NaN for a point that failed."""
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     out_dir = Path(hc.runtime.output_dir)
     try:
-        run(cfg, out_dir, out_dir.name, Path(hc.sweep.dir).name if multirun else None, session.progress)
+        result = run(cfg, out_dir, out_dir.name, Path(hc.sweep.dir).name if multirun else None, session.progress)
     except KeyboardInterrupt:
         raise  # entry() says what was kept
     except Exception as exc:
@@ -237,13 +257,14 @@ def main(cfg: DictConfig, session: Session) -> None:
                 raise
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     else:
-        return
+        return objective(result, cfg.tune)
     results.record_failure(out_dir, cfg, reason, list(hc.overrides.task))
     print(f"diffguide: error: {reason}", file=sys.stderr)
     if not multirun:
         sys.exit(2)  # SystemExit passes Hydra by; an exception would add its "Error executing job" line
     # In a sweep, one bad point is recorded and the others still run; the process exits non-zero at the end.
     session.failed.append(f"{hc.job.override_dirname or hc.runtime.output_dir}: {reason}")
+    return math.nan
 
 
 def entry(argv: list[str] | None = None) -> int:
@@ -275,8 +296,8 @@ def entry(argv: list[str] | None = None) -> int:
     session = Session()
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-    def task(cfg: DictConfig) -> None:
-        main(cfg, session)
+    def task(cfg: DictConfig) -> float:
+        return main(cfg, session)  # a sweeper that optimises (hydra/sweeper=tune) minimises this
 
     try:
         task()

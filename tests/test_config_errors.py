@@ -134,3 +134,6 @@ def test_sweep_job_folder_names():
                        ["model.weights", "num_samples"]) == "guidance=cfg,scale=2"
     assert job_dirname(["classifier.path=/x/y"], []) == "classifier.path=_x_y"
     assert job_dirname([], []) == "defaults"
+    # `group.*` leaves out every key of a group (the metric's settings do not change the images)
+    assert job_dirname(["scale=2", "metric.isc_splits=1", "metric=none", "metricx=1"], ["metric", "metric.*"]) \
+        == "metricx=1,scale=2"

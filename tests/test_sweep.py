@@ -3,6 +3,9 @@ non-zero at the end, and diffguide.report tabulates and plots what finished."""
 
 import csv
 import json
+import math
+
+import pytest
 
 from tests.helpers import run_cli
 
@@ -68,3 +71,41 @@ def test_results_name_finished_and_failed_points_alike_and_a_finish_clears_the_f
     shared = {"guidance": "cfg", "scale": 2.5, "sampler": "ddim", "steps": 4}
     assert {k: failed[k] for k in done if k != "nfe"} == shared
     assert failed["reason"] == "sampling diverged" and failed["overrides"] == ["scale=2.5"]
+
+
+def test_a_scale_search_with_optunas_sweeper_minimises_fid_and_resumes(tiny_unet_path, tiny_evaluator_path,
+                                                                        fidelity_cache, tmp_path):
+    """hydra/sweeper=tune: every trial is an ordinary run folder named by its scale, the sweep's best value is the
+    lowest FID among them (optimization_results.yaml), and the same command again asks for the same scales (seeded
+    TPE) and finds them done: nothing is sampled again."""
+    import yaml
+
+    sweep = tmp_path / "tune"
+    args = ["-m", "hydra/sweeper=tune", "scale=interval(1,3)", "hydra.sweeper.n_trials=3",
+            f"model.weights={tiny_unet_path}", f"metric.evaluator={tiny_evaluator_path}",
+            f"metric.cache_root={fidelity_cache}", "metric.isc_splits=1", "metric.kid_subset_size=4",
+            "metric.bootstrap=50", "logger=none", "steps=2", "num_samples=8", "batch_size=8", f"out_dir={sweep}"]
+    first = run_cli("diffguide.run", *args)
+    assert first.returncode == 0, first.stderr
+    points = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
+    assert len(points) == 3 and all(name.startswith("scale=") for name in points)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    lowest = min(points.values(), key=lambda p: p["fid_fmnist"])
+    assert best["best_value"] == lowest["fid_fmnist"] and best["best_params"]["scale"] == lowest["scale"]
+    again = run_cli("diffguide.run", *args)
+    assert again.returncode == 0, again.stderr
+    rerun = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
+    assert rerun.keys() == points.keys() and all(p["images_generated"] == 0 for p in rerun.values())
+
+
+def test_the_search_objective_is_fid_or_fid_at_a_class_accuracy_floor():
+    from omegaconf import OmegaConf
+
+    from diffguide.run import objective
+
+    result = {"fid_fmnist": 2.5, "fid_fmnist_lo": 2.0, "fid_inf_fmnist": 1.9, "class_accuracy": 0.90}
+    assert objective(result, OmegaConf.create({"metric": None, "min_class_accuracy": None})) == 2.5
+    assert objective(result, OmegaConf.create({"metric": None, "min_class_accuracy": 0.92})) == pytest.approx(4.5)
+    assert objective(result, OmegaConf.create({"metric": None, "min_class_accuracy": 0.85})) == 2.5
+    assert objective(result, OmegaConf.create({"metric": "fid_inf_fmnist", "min_class_accuracy": None})) == 1.9
+    assert math.isnan(objective({"nfe": 50}, OmegaConf.create({"metric": None, "min_class_accuracy": None})))

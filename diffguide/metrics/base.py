@@ -22,7 +22,6 @@ from PIL import Image
 from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_featuresdict_to_metric
 from torch_fidelity.metric_kid import kid_featuresdict_to_metric
-from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.registry import DATASETS_REGISTRY
 from torch_fidelity.utils import (create_feature_extractor, extract_featuresdict_from_input_id,
                                   resolve_feature_layer_for_metric)
@@ -179,7 +178,7 @@ class FidelityMetric(Metric):
             ours = extract_featuresdict_from_input_id(1, extractor, **kwargs)
             reference_layers = sorted({layers[m] for m in ("fid", "kid", "prc")
                                        if m in layers and not (m == "fid" and reference_stats is not None)})
-            theirs = self._reference_features(extractor, reference_layers, kwargs, reference) \
+            theirs = self._reference_features(extractor, reference_layers, kwargs, reference, layers.get("prc")) \
                 if reference_layers else {}
             raw = {}
             if "isc" in layers:
@@ -207,9 +206,15 @@ class FidelityMetric(Metric):
                         intervals.kid_kernel(part, theirs[layers["kid"]].numpy(), stats.kid_kernel).mean(1)
                         for part in np.array_split(stats.features, max(1, n // 1000))])
             if "prc" in layers:
-                raw.update(prc_featuresdict_to_metric(ours, theirs, layers["prc"], **kwargs))
-                stats.in_reference, stats.covers = intervals.prc_terms(ours[layers["prc"]], theirs[layers["prc"]])
+                # torch-fidelity's precision/recall (k = 3), from per-sample terms that give the same two numbers
+                # (tests/metrics/test_intervals.py) and the bootstrap its resamples; the reference radii are cached.
+                stats.in_reference, stats.covers = intervals.prc_terms(
+                    ours[layers["prc"]], theirs[layers["prc"]], _K, theirs[_radii_name(layers["prc"])][:, 0])
                 stats.n_reference = len(theirs[layers["prc"]])
+                precision = float(stats.in_reference.mean())
+                recall = len(np.unique(stats.covers[1])) / stats.n_reference
+                raw.update(precision=precision, recall=recall,
+                           f_score=2 * precision * recall / max(1e-5, precision + recall))  # torch-fidelity's
             if "isc" in layers:
                 stats.logits = ours[layers["isc"]].numpy()
         scores = {f"{_RENAME[k]}{self.suffix}": float(v) for k, v in raw.items() if k in _RENAME}
@@ -227,13 +232,19 @@ class FidelityMetric(Metric):
         name = kwargs.get("input2")
         return name if isinstance(name, str) and name in DATASETS_REGISTRY else None
 
-    def _reference_features(self, extractor, layers, kwargs, reference) -> dict[str, torch.Tensor]:
-        """input2's features at `layers`, from the cache where the reference set has an identity."""
+    def _reference_features(self, extractor, layers, kwargs, reference, radii_layer=None) -> dict[str, torch.Tensor]:
+        """input2's features at `layers`, from the cache where the reference set has an identity; with
+        `radii_layer`, also each reference image's k-NN radius there (precision's balls, as (M, 1) `LAYER@knnK`)."""
 
         def compute():
             inputs = {**kwargs, "input2": reference.images()} if reference is not None else kwargs
             features = extract_featuresdict_from_input_id(2, extractor, **inputs)
-            return {layer: features[layer] for layer in layers}
+            out = {layer: features[layer] for layer in layers}
+            if radii_layer is not None:
+                out[_radii_name(radii_layer)] = intervals.knn_radii(features[radii_layer], _K)[:, None]
+            return out
+
+        stored = [*layers, _radii_name(radii_layer)] if radii_layer is not None else layers
 
         identity = self._reference_identity(reference, kwargs)
         if identity is None:
@@ -241,17 +252,25 @@ class FidelityMetric(Metric):
         weights = kwargs.get("feature_extractor_weights_path")
         # Everything the features depend on: the same settings can only meet features they would compute again.
         key = json.dumps({"format": 1, "torch_fidelity": torch_fidelity.__version__, "reference": identity,
-                          "feature_extractor": extractor.get_name(), "layers": layers,
+                          "feature_extractor": extractor.get_name(), "layers": stored,
                           "weights": _file_sha256(weights) if weights else "torch-fidelity's download"},
                          sort_keys=True)
         label = reference.path.stem if reference is not None else identity
         cache = FeatureCache(Path(self.cache_root) / _safe_name(
             f"{label}-{extractor.get_name()}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"))
-        features = cache.read(key, layers)
+        features = cache.read(key, stored)
         if features is None:
             features = compute()
             cache.write(key, features)
         return features
+
+
+#: precision/recall's neighbourhood: torch-fidelity's default prc_neighborhood
+_K = 3
+
+
+def _radii_name(layer: str) -> str:
+    return f"{layer}@knn{_K}"
 
 
 def _safe_name(name: str) -> str:

@@ -183,8 +183,18 @@ def intervals(stats: PointStats, estimates: dict[str, float], replicate_count: i
               level: float = LEVEL) -> dict[str, tuple[float, float]]:
     """name -> (low, high) for each statistic in `estimates` (keyed as NAMES) the point has per-sample terms for."""
     weights = counts(resample(len(stats), replicate_count, seed), len(stats))
-    return {name: interval(estimates[name], replicates(stats, name, weights), level)
-            for name in stats.available() if name in estimates}
+    out = {}
+    for name in stats.available():
+        if name in estimates:
+            low, high = interval(estimates[name], replicates(stats, name, weights), level)
+            # the recentring can step past a statistic's range: a share stays in [0, 1], FID and IS above 0
+            low, high = max(low, _RANGE[name][0]), min(high, _RANGE[name][1])
+            out[name] = (low, high)
+    return out
+
+
+_RANGE = {"fid": (0.0, np.inf), "kid": (-np.inf, np.inf), "isc": (1.0, np.inf), "precision": (0.0, 1.0),
+          "recall": (0.0, 1.0), "class_accuracy": (0.0, 1.0)}
 
 
 def paired_difference(a: PointStats, b: PointStats, name: str, estimate: float, replicate_count: int,
@@ -204,13 +214,14 @@ def knn_radii(features: torch.Tensor, k: int, batch: int = 2000) -> torch.Tensor
     return torch.cat([torch.cdist(part, features).kthvalue(k + 1, dim=1).values for part in features.split(batch)])
 
 
-def prc_terms(generated: torch.Tensor, reference: torch.Tensor, k: int = 3, batch: int = 2000):
-    """torch-fidelity's precision/recall (calculate_precision_recall_part), per sample: (in_reference (N,) bool: the
-    sample lies in some reference image's k-NN ball; covers (2, P): (sample, image) pairs where the image lies in
-    the sample's k-NN ball among the generated samples). precision = in_reference.mean(); recall = the share of
-    images in some pair."""
-    generated, reference = generated.double(), reference.double()
-    radius_gen, radius_ref = knn_radii(generated, k, batch), knn_radii(reference, k, batch)
+def prc_terms(generated: torch.Tensor, reference: torch.Tensor, k: int = 3, radius_ref: torch.Tensor | None = None,
+              batch: int = 2000):
+    """torch-fidelity's precision/recall (calculate_precision_recall_part, in its float32), per sample: (in_reference
+    (N,) bool: the sample lies in some reference image's k-NN ball; covers (2, P): (sample, image) pairs where the
+    image lies in the sample's k-NN ball among the generated samples). precision = in_reference.mean(); recall = the
+    share of images in some pair. `radius_ref`: the reference images' k-NN radii, where already known."""
+    radius_gen = knn_radii(generated, k, batch)
+    radius_ref = knn_radii(reference, k, batch) if radius_ref is None else radius_ref
     inside, pairs = [], []
     for start in range(0, len(generated), batch):
         distances = torch.cdist(generated[start:start + batch], reference)
