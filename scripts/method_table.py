@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from diffguide import report
 from diffguide.atomic import atomic_write_text
 
 # The sweep: scales in each method's own convention (see conf/guidance/NAME.yaml), around its paper's defaults.
@@ -83,11 +84,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "gfcg + autoguidance": ("gfcg", ["guidance.base=autoguidance", "guidance.base_scale=2.0"]),
 }
 
-COLUMNS = [("guidance", None), ("scale", None), ("fid_fmnist", "{:.2f}"), ("isc_fmnist", "{:.2f}"),
-           ("precision_fmnist", "{:.3f}"), ("recall_fmnist", "{:.3f}"), ("class_accuracy", "{:.3f}"),
-           ("nfe", "{:.1f}")]
-
-
 def point_dir(out: Path, name: str, scale) -> Path:
     folder = name.replace(" (", "_").replace(")", "").replace(" + ", "+").replace(" ", "_")
     return out / folder / ("default" if scale is None else f"scale_{scale:g}")
@@ -120,7 +116,8 @@ def _key(scale) -> str:
     return "default" if scale is None else f"{scale:g}"
 
 
-def search(out: Path, name: str, grid: list, n: int, extra: list[str], extend: int, dry_run: bool) -> float | None:
+def search(out: Path, name: str, grid: list, n: int, extra: list[str], extend: int, dry_run: bool,
+           tune: bool = True) -> float | None:
     """The row's scale by the rule (module docstring), its FIDs at `n` samples recorded in OUT/tune.json as they
     come. None when no point of the row finished."""
     state_path = out / "tune.json"
@@ -139,7 +136,7 @@ def search(out: Path, name: str, grid: list, n: int, extra: list[str], extend: i
 
     tried = {scale: fid(scale) for scale in grid}
     tried = {s: f for s, f in tried.items() if f is not None}
-    if name in TUNED and len(tried) >= 2:
+    if name in TUNED and len(tried) >= 2 and tune:
         lowest = TUNED[name]
         for _ in range(extend):
             scales = sorted(tried)
@@ -170,15 +167,6 @@ def search(out: Path, name: str, grid: list, n: int, extra: list[str], extend: i
     return min(tried, key=lambda s: (tried[s], -1 if s is None else s))
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    for row in rows:
-        cells = ["" if row.get(key) is None else fmt.format(row[key]) if fmt else str(row[key])
-                 for key, fmt in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/method_table"))
@@ -200,20 +188,44 @@ def main() -> None:
 
     chosen = {}
     for name in names:
-        scale = search(args.out, name, grid[name], args.tune_samples, args.extra, args.extend, args.dry_run)
+        # the flow column compares the models at the eps model's scales: its grid is taken as it is
+        scale = search(args.out, name, grid[name], args.tune_samples, args.extra, args.extend, args.dry_run,
+                       tune=args.grid == "eps")
         if scale is not None or None in grid[name]:
             chosen[name] = scale
     rows = []
     for name, scale in chosen.items():
+        # the variants (a tuned method with other settings) stay at the search's sample count: the CPU's budget
+        # goes to the rows the table compares
+        count = args.tune_samples if name in VARIANTS and args.grid == "eps" else args.num_samples
         point = (read_point(args.out, name, scale) if args.dry_run
-                 else run_point(args.out, name, scale, args.num_samples, args.extra, args.rescore))
+                 else run_point(args.out, name, scale, count, args.extra, args.rescore))
         if point is not None:
             rows.append(point)
     counts = sorted({r["num_samples"] for r in rows})
-    print(f"## Each method at its tuned scale ({'/'.join(map(str, counts))} samples per point)\n")
-    print(table(rows))
+    print(f"## Each method at its tuned scale ({'/'.join(map(str, counts))} samples per point, seed 0)\n")
+    for row in rows:
+        row.update(_label=row["guidance"], _dir=str(point_dir(args.out, row["guidance"], row["scale"])),
+                   status="done", seed=(row.get("config") or {}).get("seed"))
+    text, notes = report.report(rows, "cfg")
+    print(text)
+    print("\n95% bootstrap intervals in brackets; Δ: paired difference to cfg at its tuned scale, * where its "
+          "interval excludes 0")
+    for note in notes:
+        print(f"note: {note}")
     minutes = sum(r.get("wall_time_s", 0.0) for r in rows) / 60
     print(f"\n{len(rows)} points; their last runs took {minutes:.0f} min (sum of wall_time_s)")
+    state_path = args.out / "tune.json"
+    if state_path.exists():
+        print(f"\n## The scale search (FID at {args.tune_samples} samples; chosen scale in bold)\n")
+        print("| method | scales tried: FID |\n| --- | --- |")
+        state = json.loads(state_path.read_text())
+        for name in names:
+            tried = state.get(name, {})
+            if len(tried) > 1:
+                cells = [(f"**{k}**" if _key(chosen.get(name)) == k else k) + f": {v:.2f}"
+                         for k, v in sorted(tried.items(), key=lambda kv: float(kv[0]))]
+                print(f"| {name} | {', '.join(cells)} |")
 
 
 if __name__ == "__main__":
