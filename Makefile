@@ -33,9 +33,11 @@ slurm-start:
 slurm-stop:
 	scripts/slurm_local.sh stop
 
-# every guidance method at its best scale (README table); 42 points, about 90 minutes on 2 CPU cores, resumable
+# every guidance method at a scale tuned by one rule (a bracketing search at 1000 samples), then 2000 samples per
+# point with intervals and paired differences to cfg (README table); resumable: a rerun extends what is on disk
 method-table:
 	$(PYTHON) scripts/method_table.py
+	$(PYTHON) -m diffguide.report outputs/method_table
 
 test-slow:
 	$(PYTHON) -m pytest -q -m slow

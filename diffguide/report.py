@@ -145,27 +145,44 @@ def _stats(point: dict) -> intervals.PointStats | None:
 
 def differences(points: list[dict], baseline: list[dict], replicate_count: int = 1000) -> dict[str, tuple]:
     """name -> (difference, low, high) of the setting's statistics minus the baseline's, paired over the sample
-    indices (each seed against the baseline's point of the same seed and size; several seeds: the mean difference,
-    its replicates the mean of each seed's). Statistics without per-sample terms on both sides are left out."""
+    indices (each seed against the baseline's point of the same seed; several seeds: the mean difference, its
+    replicates the mean of each seed's). Statistics without per-sample terms on both sides are left out.
+
+    A baseline with more samples than the point (the same seed: its first N samples are the point's partners) is
+    cut to the point's N; then only the statistics that per-sample terms give exactly at any N are compared (FID,
+    precision, class accuracy; recall's balls, IS's splits and KID's subsets depend on the whole set), both sides
+    computed from their terms."""
     per_name: dict[str, list[tuple[float, np.ndarray]]] = {}
     for point in points:
         partner = next((b for b in baseline if b.get("seed") == point.get("seed")
-                        and b.get("num_samples") == point.get("num_samples")), None)
+                        and (b.get("num_samples") or 0) >= (point.get("num_samples") or 0)), None)
         if partner is None:
             return {}
         a, b = _stats(point), _stats(partner)
-        if a is None or b is None or len(a) != len(b) or not np.array_equal(a.labels, b.labels):
+        if a is None or b is None:
+            return {}
+        cut = len(b) > len(a)
+        if cut:
+            b = _first(b, len(a))
+        if len(a) != len(b) or not np.array_equal(a.labels, b.labels):
             return {}
         weights = intervals.counts(intervals.resample(len(a), replicate_count), len(a))
-        for name in set(a.available()) & set(b.available()):
+        names = set(a.available()) & set(b.available()) & ({"fid", "precision", "class_accuracy"} if cut else
+                                                            set(intervals.NAMES))
+        for name in names:
             key = column(point, name)
             if key is None or column(partner, name) != key:
                 continue
-            if point is partner or point["_dir"] == partner["_dir"]:
+            if point["_dir"] == partner["_dir"]:
                 reps = np.zeros(replicate_count)
             else:
                 reps = intervals.replicates(a, name, weights) - intervals.replicates(b, name, weights)
-            per_name.setdefault(name, []).append((float(point[key]) - float(partner[key]), reps))
+            if cut:
+                ones = np.ones((1, len(a)))
+                estimate = float(intervals.replicates(a, name, ones)[0] - intervals.replicates(b, name, ones)[0])
+            else:
+                estimate = float(point[key]) - float(partner[key])
+            per_name.setdefault(name, []).append((estimate, reps))
     out = {}
     for name, items in per_name.items():
         if len(items) == len(points):
@@ -173,6 +190,16 @@ def differences(points: list[dict], baseline: list[dict], replicate_count: int =
             low, high = intervals.interval(estimate, np.mean([r for _, r in items], 0))
             out[name] = (estimate, low, high)
     return out
+
+
+def _first(stats: intervals.PointStats, n: int) -> intervals.PointStats:
+    """A point's per-sample terms of its first n samples (those that precision and FID need, and the labels)."""
+    cut = intervals.PointStats(labels=stats.labels[:n])
+    for name in ("features", "in_reference", "correct"):
+        if getattr(stats, name) is not None:
+            setattr(cut, name, getattr(stats, name)[:n])
+    cut.ref_mu, cut.ref_sigma = stats.ref_mu, stats.ref_sigma
+    return cut
 
 
 def significant(low: float, high: float) -> bool:

@@ -130,3 +130,22 @@ def test_pareto_front():
     points = [(0.9, 3.0), (0.8, 2.0), (0.95, 5.0), (0.85, 4.0), (0.7, 2.5)]
     # higher accuracy and lower FID are better: (0.85, 4.0) is beaten by (0.9, 3.0), (0.7, 2.5) by (0.8, 2.0)
     assert report.pareto(points, 1, -1) == [(0.8, 2.0), (0.9, 3.0), (0.95, 5.0)]
+
+
+def test_a_baseline_with_more_samples_is_cut_to_the_points_own(tmp_path):
+    """A point of 200 samples against a baseline of 300 with the same seed: its partners are the baseline's first
+    200, and the FID difference is computed on them (FID of the point minus FID of the baseline's first 200)."""
+    rng = np.random.default_rng(3)
+    reference = rng.normal(0, 1, (600, 4))
+    base = rng.normal(0.1, 1, (300, 4))
+    labels = np.arange(300) % 10
+    _point(tmp_path / "cfg", "cfg", 1.5, base, reference, labels)
+    _point(tmp_path / "apg", "apg", 2.0, base[:200] + 0.3, reference, labels[:200])
+    rows = report.collect(tmp_path)
+    table = report.settings(rows)
+    diffs = report.differences(table[("apg", 2.0)], table[("cfg", 1.5)])
+    assert set(diffs) == {"fid", "precision", "class_accuracy"}
+    ref = (reference.mean(0), np.cov(reference, rowvar=False))
+    expected = (iv.fid_replicates(base[:200] + 0.3, *ref, np.ones((1, 200)))[0]
+                - iv.fid_replicates(base[:200], *ref, np.ones((1, 200)))[0])
+    assert diffs["fid"][0] == pytest.approx(expected) and diffs["fid"][1] > 0
