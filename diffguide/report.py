@@ -1,7 +1,7 @@
 """A sweep's report: every point's results with intervals, paired differences to a baseline, seeds aggregated, and
 the plots the guidance papers draw, with error bars.
 
-    python -m diffguide.report SWEEP_DIR [--out SWEEP_DIR/report] [--metric fid_fmnist] [--baseline cfg]
+    python -m diffguide.report SWEEP_DIR [--out SWEEP_DIR/report] [--baseline cfg | METHOD@SCALE | ""]
 
 Collects every metrics.json (a finished point) and failed.json (a point that stopped with an error) under
 SWEEP_DIR and writes:

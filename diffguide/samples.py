@@ -70,6 +70,30 @@ def run_digest(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def same_files_moved(previous: dict, current: dict) -> bool:
+    """Whether two fingerprints differ only in where their files are: every file has the same content digest, and
+    with the paths of those files set aside the settings are equal (a moved checkout, the same weights under another
+    mount point on a cluster node)."""
+    if not isinstance(previous, dict) or previous.get("files") != current.get("files"):
+        return False
+
+    def without_paths(fp: dict) -> dict:
+        fp = json.loads(json.dumps(fp))
+        for key in fp.get("files", {}):
+            *parents, last = key.split(".")
+            node = fp
+            for part in parents:
+                node = node[int(part)] if isinstance(node, list) else node.get(part) if isinstance(node, dict) \
+                    else None
+            if isinstance(node, dict) and last in node:
+                node[last] = "<file>"
+            elif isinstance(node, list) and last.isdigit() and int(last) < len(node):
+                node[int(last)] = "<file>"
+        return fp
+
+    return without_paths(previous) == without_paths(current)
+
+
 def _flatten(node, prefix: str = "") -> dict:
     if not isinstance(node, dict):
         return {prefix: node}
@@ -166,6 +190,10 @@ class SampleStore:
                 atomic_write_text(self.fingerprint_path, text)
             self.dir.mkdir(parents=True, exist_ok=True)
             return run_id
+        if isinstance(previous, dict) and same_files_moved(previous, fingerprint):
+            # the same files elsewhere: the samples are this run's; they keep the run id they were made under
+            self.dir.mkdir(parents=True, exist_ok=True)
+            return run_digest(previous)
         if isinstance(previous, dict):
             raise UserError(_settings_differ(self.out_dir, previous, fingerprint, files or {}))
         # sampling.json is gone or damaged: the samples say which run made them (damaged ones are remade later)

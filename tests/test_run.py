@@ -47,6 +47,31 @@ def test_resume_refuses_samples_made_with_other_settings(run_diffguide, tmp_path
     assert run_diffguide(out, "guidance=cfg", "scale=2.0", "batch_size=1")["images_generated"] == 0
 
 
+def test_the_same_weights_at_another_path_resume_but_other_weights_do_not(run_diffguide, tiny_unet_path, tmp_path):
+    """A moved checkout (or the same weights under another mount point): the file's content digest is unchanged,
+    so the folder resumes with nothing remade; a file with other content at the same place is refused."""
+    import shutil
+
+    out = tmp_path / "run"
+    moved = tmp_path / "elsewhere" / "unet.safetensors"
+    moved.parent.mkdir()
+    shutil.copy(tiny_unet_path, moved)
+    run_diffguide(out, "guidance=cfg", "scale=2.0", "num_samples=6")
+    first = _pngs(out)
+    again = run_diffguide(out, "guidance=cfg", "scale=2.0", "num_samples=8", f"model.weights={moved}")
+    assert again["images_generated"] == 2 and {k: v for k, v in _pngs(out).items() if k in first} == first
+    import torch
+
+    from diffguide.models import unet as unet_lib
+    from tests.helpers import SCHEDULE, TINY_UNET
+
+    torch.manual_seed(1)
+    other = tmp_path / "other.safetensors"
+    unet_lib.save(unet_lib.build(TINY_UNET, 10, SCHEDULE), other)
+    with pytest.raises(UserError, match="model.weights"):
+        run_diffguide(out, "guidance=cfg", "scale=2.0", f"model.weights={other}")
+
+
 def test_keys_added_later_leave_older_folders_resumable(run_diffguide, tmp_path):
     """A folder made before sampler.variance and guidance.channels existed recorded neither: at their defaults they
     stay out of the fingerprint, so its sampling.json and every sample's run digest still match and nothing is

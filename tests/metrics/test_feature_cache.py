@@ -100,7 +100,7 @@ def test_a_damaged_cache_file_costs_one_warning_and_a_recomputation(small, clean
     assert warnings[0].endswith("recomputing them")
     assert not (tmp_path / "ran").exists()
     with np.load(path, allow_pickle=False) as data:  # rewritten whole
-        assert set(data.files) == {"key", "sha256", "features_features"}
+        assert set(data.files) == {"key", "sha256", "features_features", "features_features@knn3"}
     assert small.score(tmp_path) == pytest.approx(scores, rel=1e-9)
     assert "warning" not in capsys.readouterr().err
 
@@ -117,7 +117,9 @@ def test_the_cache_file_is_an_npz_keyed_by_everything_its_features_depend_on(sma
     assert key["feature_extractor"] == extractor and checkpoint.file_digest(small.evaluator) in extractor
     assert key["weights"] == hashlib.sha256(small.evaluator.read_bytes()).hexdigest()
     assert key["reference"] == f"npz-sha256-{hashlib.sha256(small.reference.read_bytes()).hexdigest()}"
-    assert key["layers"] == ["features"] and key["torch_fidelity"] == torch_fidelity.__version__
+    # the reference images' k-NN radii (precision's balls) are kept beside their features, as (M, 1)
+    assert key["layers"] == ["features", "features@knn3"] and key["torch_fidelity"] == torch_fidelity.__version__
+    assert arrays["features_features@knn3"].shape == (120, 1)
 
 
 def test_another_reference_file_is_another_cache_entry(small, clean, tmp_path):
