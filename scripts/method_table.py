@@ -175,6 +175,8 @@ def main() -> None:
     parser.add_argument("--extend", type=int, default=2, help="most scales the search adds beyond a grid's end")
     parser.add_argument("--only", default="", help="comma-separated methods (default: all)")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="eps", help="the points to run (flow: FLOW_GRID)")
+    parser.add_argument("--grid-only", default="", help="comma-separated rows that take the best of their starting "
+                        "grid, with no search (where the CPU's budget ends)")
     parser.add_argument("--dry-run", action="store_true", help="only tabulate the points already run")
     parser.add_argument("--rescore", action="store_true", help="score the table's points again (same samples)")
     parser.add_argument("extra", nargs="*", help="more overrides for every run, e.g. sampler=ddpm")
@@ -190,7 +192,7 @@ def main() -> None:
     for name in names:
         # the flow column compares the models at the eps model's scales: its grid is taken as it is
         scale = search(args.out, name, grid[name], args.tune_samples, args.extra, args.extend, args.dry_run,
-                       tune=args.grid == "eps")
+                       tune=args.grid == "eps" and name not in args.grid_only.split(","))
         if scale is not None or None in grid[name]:
             chosen[name] = scale
     rows = []
