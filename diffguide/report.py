@@ -152,6 +152,15 @@ def differences(points: list[dict], baseline: list[dict], replicate_count: int =
     cut to the point's N; then only the statistics that per-sample terms give exactly at any N are compared (FID,
     precision, class accuracy; recall's balls, IS's splits and KID's subsets depend on the whole set), both sides
     computed from their terms."""
+    with intervals.one_thread():
+        return _differences(points, baseline, replicate_count)
+
+
+#: the baseline's replicates, computed once for every setting compared with it: (folder, N, statistic) -> replicates
+_BASELINE_REPLICATES: dict[tuple, np.ndarray] = {}
+
+
+def _differences(points: list[dict], baseline: list[dict], replicate_count: int) -> dict[str, tuple]:
     per_name: dict[str, list[tuple[float, np.ndarray]]] = {}
     for point in points:
         partner = next((b for b in baseline if b.get("seed") == point.get("seed")
@@ -176,7 +185,10 @@ def differences(points: list[dict], baseline: list[dict], replicate_count: int =
             if point["_dir"] == partner["_dir"]:
                 reps = np.zeros(replicate_count)
             else:
-                reps = intervals.replicates(a, name, weights) - intervals.replicates(b, name, weights)
+                memo = (partner["_dir"], len(a), name, replicate_count)
+                if memo not in _BASELINE_REPLICATES:
+                    _BASELINE_REPLICATES[memo] = intervals.replicates(b, name, weights)
+                reps = intervals.replicates(a, name, weights) - _BASELINE_REPLICATES[memo]
             if cut:
                 ones = np.ones((1, len(a)))
                 estimate = float(intervals.replicates(a, name, ones)[0] - intervals.replicates(b, name, ones)[0])

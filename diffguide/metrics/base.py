@@ -133,14 +133,8 @@ class FidelityMetric(Metric):
         """The scores, each with its bootstrap interval (`NAME_lo`, `NAME_hi`), and FID-infinity; `stats_path`: where
         to keep the per-sample statistics (features.npz) that paired differences are computed from later."""
         scores, stats = self.score(samples_dir, labels, device)
-        threads = torch.get_num_threads()
-        # The bootstrap is many small eigendecompositions: one thread does them about as fast, and with another
-        # process on the same cores OpenMP's waiting threads spin (measured here: scoring 10-20x slower).
-        torch.set_num_threads(1)
-        try:
+        with intervals.one_thread():
             return self._with_intervals(scores, stats, len(labels), stats_path)
-        finally:
-            torch.set_num_threads(threads)
 
     def _with_intervals(self, scores: dict, stats: intervals.PointStats, n: int, stats_path: Path | None) -> dict:
         estimates = {name: scores[key] for name in intervals.NAMES
