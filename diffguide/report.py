@@ -244,10 +244,11 @@ def _cell(value, fmt, low=math.nan, high=math.nan) -> str:
 
 
 def markdown(table: dict, baseline: tuple | None, diffs: dict) -> str:
-    """Each setting: N, seeds, NFE, wall time, every statistic with its interval, and its paired difference to the
-    baseline for FID and class accuracy (* where the interval excludes 0)."""
+    """Each setting: N, seeds, NFE, sampling seconds per 1000 samples (on the machine that made them), every
+    statistic with its interval, and its paired difference to the baseline for FID and class accuracy (* where the
+    interval excludes 0)."""
     shown = [(name, fmt) for name, fmt in SHOWN if any(column(p[0], name) for p in table.values())]
-    headers = ["method", "scale", "N", "seeds", "nfe", "wall s"]
+    headers = ["method", "scale", "N", "seeds", "nfe", "s / 1000 samples"]
     for name, _ in shown:
         key = next(column(p[0], name) for p in table.values() if column(p[0], name))
         headers.append(key)
@@ -259,7 +260,7 @@ def markdown(table: dict, baseline: tuple | None, diffs: dict) -> str:
         seeds = sorted(p.get("seed") for p in points if p.get("seed") is not None)
         cells = [key[0], "" if key[1] is None else f"{key[1]:g}", str(first.get("num_samples", "")),
                  ",".join(map(str, seeds)), _cell(first.get("nfe"), "{:.1f}"),
-                 _cell(float(np.mean([p.get("wall_time_s", math.nan) for p in points])), "{:.0f}")]
+                 _cell(float(np.mean([_seconds_per_image(p) for p in points])) * 1000, "{:.0f}")]
         for name, fmt in shown:
             value = aggregate(points, name)
             cells.append("" if value is None else _cell(value[0], fmt, value[1], value[2])
@@ -270,6 +271,14 @@ def markdown(table: dict, baseline: tuple | None, diffs: dict) -> str:
                              _cell(d[0], "{:+" + fmt[2:], d[1], d[2]) + (" *" if significant(d[1], d[2]) else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _seconds_per_image(point: dict) -> float:
+    """Sampling seconds per image over every run that made the point's images (older points: their last run's)."""
+    if point.get("sampling_s_per_image") is not None:
+        return float(point["sampling_s_per_image"])
+    images = point.get("images_generated") or 0
+    return float(point.get("sampling_wall_s") or 0.0) / images if images else math.nan
 
 
 def _save(fig, path: Path) -> None:

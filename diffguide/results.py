@@ -59,6 +59,23 @@ def record_failure(out_dir: Path, cfg: DictConfig, reason: str, overrides: list[
         print(f"diffguide: could not write {FAILED}: {exc}", file=sys.stderr)
 
 
+def sampling_totals(out_dir: Path, sampling: dict) -> dict:
+    """The images the point's folder holds were made over one run or several (resumed, or grown to more samples):
+    the seconds and images of every run so far (this one's `sampling` added to what the earlier metrics.json
+    recorded), and the seconds per image they give."""
+    seconds, images = 0.0, 0
+    try:
+        before = json.loads((Path(out_dir) / METRICS).read_text())
+        seconds = float(before.get("sampling_wall_s_total", before.get("sampling_wall_s")) or 0.0)
+        images = int(before.get("images_generated_total", before.get("images_generated")) or 0)
+    except (OSError, ValueError, TypeError):
+        pass
+    seconds += float(sampling.get("sampling_wall_s") or 0.0)
+    images += int(sampling.get("images_generated") or 0)
+    return {"sampling_wall_s_total": round(seconds, 3), "images_generated_total": images,
+            "sampling_s_per_image": round(seconds / images, 4) if images else None}
+
+
 @dataclass
 class Recorded:
     """One point's results: its folder, "done" (metrics.json) or "failed" (failed.json), and what the file holds."""

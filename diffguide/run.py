@@ -192,6 +192,7 @@ def _sample_and_score(cfg, out_dir, name, group, shard, device, total_start, den
         metric_files = dependency_files(resolved["metric"], "metric") if isinstance(resolved["metric"], dict) else {}
         result = {**results.point(guidance.name, guidance.scale, sampler.name, cfg.steps), **scores,
                   "nfe": sum(m["nfe"] for m in metas) / len(metas), "num_samples": cfg.num_samples, **sampling,
+                  **results.sampling_totals(out_dir, sampling),
                   "noise_levels": noise_levels(sampler, denoiser),
                   "scoring_wall_s": round(time.perf_counter() - score_start, 3),
                   "wall_time_s": round(time.perf_counter() - total_start, 3), "device": str(device),

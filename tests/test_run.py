@@ -36,6 +36,11 @@ def test_resume_makes_only_the_missing_samples(run_diffguide, tmp_path):
     # Growing the run keeps the first ten and adds the rest.
     third = run_diffguide(out, "num_samples=12", "sampler=ddpm")
     assert third["images_generated"] == 2 and {k: v for k, v in _pngs(out).items() if k in reference} == reference
+    # the cost of the folder's images over every run that made them
+    assert third["images_generated_total"] == 15
+    assert third["sampling_wall_s_total"] == pytest.approx(sum(r["sampling_wall_s"] for r in (first, second, third)),
+                                                           abs=2e-3)
+    assert third["sampling_s_per_image"] == pytest.approx(third["sampling_wall_s_total"] / 15, abs=1e-4)
 
 
 def test_resume_refuses_samples_made_with_other_settings(run_diffguide, tmp_path):
