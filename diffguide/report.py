@@ -76,7 +76,9 @@ def _series(rows: list[dict]) -> dict[str, list[dict]]:
     for name in {r["guidance"] for r in done}:
         settings = [r.get("_settings") or {} for r in done if r["guidance"] == name]
         keys = {k for s in settings for k in s}
-        varied_settings[name] = {k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1}
+        # nested nodes (a classifier's config, with its file path) do not name a curve
+        varied_settings[name] = {k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1
+                                 and not any(isinstance(s.get(k), (dict, list)) for s in settings)}
     groups: dict[str, list[dict]] = {}
     for row in done:
         settings = row.get("_settings") or {}
@@ -347,7 +349,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
             ax.set_xlabel(axis_names[0] if x_stat != "nfe" else "nfe (network evaluations per sample)")
             ax.set_ylabel(axis_names[1])
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, ncol=2)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
             _save(fig, out / name)
             written.append(out / name)
         plt.close(fig)
