@@ -220,7 +220,7 @@ def significant(low: float, high: float) -> bool:
     return low > 0 or high < 0
 
 
-def choose_baseline(table: dict, spec: str | None, fid: str | None) -> tuple | None:
+def choose_baseline(table: dict, spec: str | None) -> tuple | None:
     """The setting named by `spec` (METHOD or METHOD@SCALE; a curve label or a guidance name): with no scale, its
     lowest-FID setting among those with the most samples."""
     if not spec:
@@ -410,7 +410,7 @@ def report(rows: list[dict], baseline_spec: str | None = "cfg") -> tuple[str, li
     difference columns added in place (delta_NAME, delta_NAME_lo, delta_NAME_hi, for the CSV)."""
     table = settings(rows)
     notes = []
-    baseline = choose_baseline(table, baseline_spec, None)
+    baseline = choose_baseline(table, baseline_spec)
     if baseline_spec and baseline is None:
         notes.append(f"no finished point of baseline {baseline_spec!r}: no differences")
     diffs = {}

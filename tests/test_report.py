@@ -77,11 +77,11 @@ def _fid(rows, scale):
 def test_the_baseline_against_itself_is_exactly_zero(sweep):
     rows = [r for r in report.collect(sweep) if r["status"] == "done"]
     table = report.settings(rows)
-    baseline = report.choose_baseline(table, "cfg", None)
+    baseline = report.choose_baseline(table, "cfg")
     assert baseline == ("cfg", 1.5)
     diffs = report.differences(table[baseline], table[baseline])
     assert diffs and all(d == (0.0, 0.0, 0.0) for d in diffs.values())
-    assert report.choose_baseline(table, "cfg@2", None) == ("cfg", 2.0)
+    assert report.choose_baseline(table, "cfg@2") == ("cfg", 2.0)
 
 
 def test_seeds_are_aggregated_with_a_t_interval(tmp_path):
