@@ -97,9 +97,7 @@ def _metric(rows: list[dict], prefix: str) -> str | None:
 
 
 def key_of(name: str, key: str) -> bool:
-    """Whether `key` is statistic `name`'s column: the name itself or the name and a metric's one-word suffix
-    (fid_fmnist, fid_dinov2), not a bound (_lo, _hi), a spread (isc_std_...) or a longer name (fid_inf_...)."""
-    return key == name or (key.startswith(name + "_") and "_" not in key[len(name) + 1:])
+    return intervals.is_column(name, key)
 
 
 def column(row: dict, name: str) -> str | None:

@@ -36,6 +36,7 @@ from diffguide.distributed import Shard
 from diffguide.fingerprint import dependency_files, fingerprint
 from diffguide.generate import generate, noise_levels
 from diffguide.logging.base import NoLogger
+from diffguide.metrics import intervals
 from diffguide.config import CONF_DIR, register
 from diffguide.errors import UserError
 from diffguide.runtime import resolve_device, resolve_precision
@@ -225,8 +226,7 @@ def objective(result: dict, tune: DictConfig) -> float:
     plus 100 x the shortfall below `tune.min_class_accuracy` where one is set (0.01 short adds 1 to FID: a point
     under the floor loses to every point above it with a FID within that margin). NaN when the point has no such
     metric (Optuna then records the trial as failed)."""
-    name = tune.metric or next((k for k in sorted(result) if k == "fid" or (
-        k.startswith("fid_") and "_" not in k[4:] and k[4:] not in ("inf", "lo", "hi", "std"))), None)
+    name = tune.metric or next((k for k in sorted(result) if intervals.is_column("fid", k)), None)
     value = result.get(name) if name else None
     if not isinstance(value, (int, float)):
         return math.nan

@@ -149,3 +149,10 @@ def test_a_baseline_with_more_samples_is_cut_to_the_points_own(tmp_path):
     expected = (iv.fid_replicates(base[:200] + 0.3, *ref, np.ones((1, 200)))[0]
                 - iv.fid_replicates(base[:200], *ref, np.ones((1, 200)))[0])
     assert diffs["fid"][0] == pytest.approx(expected) and diffs["fid"][1] > 0
+
+
+def test_a_statistics_column_is_neither_its_bounds_nor_fid_infinity():
+    """Inception metrics have no suffix: fid, fid_lo, fid_inf sit side by side and only fid is FID's column."""
+    assert [k for k in ("fid", "fid_lo", "fid_hi", "fid_inf", "fid_inf_lo", "fid_fmnist", "fid_dinov2")
+            if report.key_of("fid", k)] == ["fid", "fid_fmnist", "fid_dinov2"]
+    assert report.column({"precision_lo": 0.1, "precision": 0.2}, "precision") == "precision"

@@ -64,6 +64,17 @@ class PointStats:
         return [name for name in NAMES if need[name] is not None]
 
 
+#: words after a statistic's name that make another column: its bounds, its spread, FID-infinity
+_NOT_A_SUFFIX = {"lo", "hi", "std", "inf"}
+
+
+def is_column(name: str, key: str) -> bool:
+    """Whether `key` is statistic `name`'s own column: the name itself (Inception metrics) or the name and a metric's
+    one-word suffix (fid_fmnist, fid_dinov2); not a bound (_lo, _hi), a spread (isc_std_...) or FID-infinity."""
+    rest = key[len(name) + 1:]
+    return key == name or (key.startswith(name + "_") and "_" not in rest and rest not in _NOT_A_SUFFIX)
+
+
 def _npz_bytes(arrays: dict) -> bytes:
     import io
 
