@@ -437,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: SWEEP/report)")
     parser.add_argument("--baseline", default="cfg",
                         help="METHOD (its lowest-FID point) or METHOD@SCALE; '' for no differences (default: cfg)")
+    def refuse(message):  # argparse would print its usage block too: one line, as the run command answers
+        print(f"error: {message} (usage: python -m diffguide.report SWEEP_DIR [--out DIR] [--baseline METHOD[@SCALE]])",
+              file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = refuse
     args = parser.parse_args(argv)
     if not args.sweep.is_dir():
         print(f"error: {args.sweep} is not a folder", file=sys.stderr)
