@@ -79,6 +79,10 @@ class Denoiser(nn.Module):
             return torch.allclose(self.alphas_cumprod.cpu(), other.alphas_cumprod.cpu())
         return self.schedule.scheduler_config == other.schedule.scheduler_config
 
+    def check_sampling(self, sampler, guidance=None) -> None:
+        """Refuse, in one line (UserError), a sampler or guidance method this model cannot be sampled with (a
+        guidance-distilled student takes only its own guidance, a progressive one only its own DDIM grid)."""
+
     def set_precision(self, dtype: torch.dtype | None) -> None:
         """Run the network under autocast in `dtype` (None: float32). The returned predictions are float32."""
         self.autocast_dtype = dtype

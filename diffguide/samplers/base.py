@@ -42,6 +42,7 @@ class Sampler:
                             f"sampler={', '.join(guidance.samplers)}")
         if guidance is not None:
             guidance.check_sampler(self, denoiser)
+        denoiser.check_sampling(self, guidance)
 
     def levels(self, denoiser: Denoiser) -> list[Level]:
         """The descending noise levels the sampler evaluates the model at (the clean level, where the trajectory
