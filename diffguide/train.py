@@ -303,7 +303,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     _, stats = trainer(tcfg, images, labels, device, test=test)
     print(json.dumps(stats))
-    print(f"wrote {tcfg.out} and {write_card(tcfg, stats)}")
+    if "rounds" not in tcfg:  # progressive distillation writes every round's file and card itself
+        print(f"wrote {tcfg.out} and {write_card(tcfg, stats)}")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,16 @@ class ToyDenoiser(Denoiser):
         return 0.5 * x + 0.1 * (y + 1) + t.to(x.dtype).view(-1, 1, 1, 1) / 1000
 
 
+def toy_images(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bright squares at class-dependent positions (4 classes), uint8 28x28: something a UNet can learn in a few
+    steps."""
+    labels = torch.arange(n) % 4
+    images = torch.zeros(n, 1, 28, 28, dtype=torch.uint8)
+    for i, y in enumerate(labels.tolist()):
+        images[i, 0, 4 + 5 * y:10 + 5 * y, 6:20] = 255
+    return images, labels
+
+
 #: the weights of the linear test classifier: three classes over 2x2 images
 W = torch.tensor([[1.0, 0.0, -1.0, 0.5], [0.0, 2.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5]])
 

@@ -37,6 +37,7 @@ GMM_CASES = {
     "offshelf": (["classifier=gmm_clean"], STEPS),
     "gfcg": (["classifier=gmm_clean"], 3 * STEPS),
     "universal": (["classifier=gmm_clean", "guidance.recurrence=2"], 2 * 2 * STEPS),
+    "distilled": (["model=gmm_distilled"], STEPS),   # the mixture's ideal student: CFG in one evaluation
 }
 
 

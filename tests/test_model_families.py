@@ -16,7 +16,8 @@ FLOW_SCHEDULE = {"num_train_timesteps": 1000, "shift": 1.0}
 
 # network evaluations per step (cfg_zero_star: its zero-initialised first step costs nothing)
 PER_STEP = {"none": 1, "cfg": 2, "cfgpp": 2, "cfg_rescale": 2, "apg": 2, "adaptive": 2, "autoguidance": 2,
-            "classifier": 1, "offshelf": 1, "gfcg": 3, "universal": 2, "cfg_zero_star": 2, "cfg_interval": None}
+            "classifier": 1, "offshelf": 1, "gfcg": 3, "universal": 2, "cfg_zero_star": 2, "cfg_interval": None,
+            "distilled": 1}
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +59,14 @@ def test_every_method_runs_on_both_model_families(run_diffguide, tmp_path, tiny_
                                                   tiny_evaluator_path, tiny_noisy_path, name, family):
     weights = tiny_flow_path if family == "flow" else tiny_unet_path
     overrides = [f"model.weights={weights}", f"guidance={name}", f"steps={STEPS}"]
+    if name == "distilled":
+        if family == "flow":
+            pytest.skip("guidance distillation (diffguide/distill.py) starts from an eps-prediction teacher")
+        from diffguide.models import student as student_lib
+
+        student_path = tmp_path / "student.safetensors"
+        student_lib.save(student_lib.from_teacher(unet_lib.load(str(weights)), [1, 4]), student_path)
+        overrides = ["model=fmnist_guided_student", f"model.weights={student_path}", f"steps={STEPS}"]
     if name == "autoguidance":
         overrides.append(f"guidance.weak_model.weights={weights}")
     elif name == "gfcg":
@@ -72,6 +81,7 @@ def test_every_method_runs_on_both_model_families(run_diffguide, tmp_path, tiny_
         overrides.append("sampler=ddpm")  # EluCD's own form (its DDIM form is refused on a flow model's grid)
     result = run_diffguide(tmp_path / name, *overrides)
     assert result["nfe"] == expected_nfe(name, unet_lib.load(str(weights)))
+    assert result["guidance"] == name
     assert len(list((tmp_path / name / "samples").glob("*.png"))) == 6
 
 

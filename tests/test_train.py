@@ -11,25 +11,17 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from diffguide import train as train_lib
+from diffguide.distill import train_guided_student, train_progressive
 from diffguide.config import CONF_DIR
 from diffguide.models import unet as unet_lib
 from diffguide.networks import evaluator as evaluator_lib
 from diffguide.runtime import resolve_precision
 from diffguide.train import diffusion_loss, flow_loss, train_evaluator, train_noisy_classifier, train_unet
-from tests.helpers import SCHEDULE, TINY_UNET, run_cli
+from tests.helpers import SCHEDULE, TINY_UNET, run_cli, toy_images
 
 
 def _fixed_loss(model, x0, labels):
     return diffusion_loss(model, x0, labels, 0.0, torch.Generator().manual_seed(123)).item()
-
-
-def _toy_images(n=64):
-    """Bright squares at class-dependent positions: something a UNet can learn in a few steps."""
-    labels = torch.arange(n) % 4
-    images = torch.zeros(n, 1, 28, 28, dtype=torch.uint8)
-    for i, y in enumerate(labels.tolist()):
-        images[i, 0, 4 + 5 * y:10 + 5 * y, 6:20] = 255
-    return images, labels
 
 
 def test_two_training_steps_lower_the_loss(tmp_path):
@@ -38,7 +30,7 @@ def test_two_training_steps_lower_the_loss(tmp_path):
                                 out=str(tmp_path / "u.safetensors"), num_classes=4))
     torch.manual_seed(0)
     model = unet_lib.build(TINY_UNET, 4, SCHEDULE)
-    images, labels = _toy_images()
+    images, labels = toy_images()
     x0 = images.float() / 127.5 - 1
     before = _fixed_loss(model, x0, labels)
     trained, stats = train_unet(cfg, images, labels, torch.device("cpu"), log=lambda *_: None,
@@ -54,7 +46,7 @@ def test_evaluator_training_lowers_the_loss(tmp_path):
     cfg = OmegaConf.create(dict(seed=0, steps=40, batch_size=64, lr=3e-3, warmup_steps=1, weight_decay=0.0,
                                 log_every=1, precision="fp32", out=str(tmp_path / "e.safetensors"),
                                 timm_model="test_resnet", num_classes=4))
-    images, labels = _toy_images()
+    images, labels = toy_images()
     model, stats = train_evaluator(cfg, images, labels, torch.device("cpu"), test=(images, labels),
                                    log=lambda *_: None)
     assert stats["final_loss"] < stats["first_loss"] * 0.7
@@ -78,7 +70,7 @@ def test_noisy_classifier_training_lowers_the_loss_and_reloads(tmp_path):
     cfg = OmegaConf.create(dict(seed=0, steps=200, batch_size=64, lr=3e-3, warmup_steps=1, weight_decay=0.0,
                                 log_every=1, precision="fp32", out=str(tmp_path / "n.safetensors"), num_classes=4,
                                 channels=[8, 16], scheduler=SCHEDULE))
-    images, labels = _toy_images()
+    images, labels = toy_images()
     model, stats = train_noisy_classifier(cfg, images, labels, torch.device("cpu"), test=(images, labels),
                                           log=lambda *_: None)
     # Averaged over all noise levels the loss cannot fall far (at t near 999 nothing is left to classify);
@@ -202,7 +194,7 @@ def test_shared_loop_trains_the_unet_bit_for_bit_as_the_old_loop(tmp_path, monke
         (_timeless(extra["training"]), {k: v.clone() for k, v in model.unet.state_dict().items()})))
     torch.manual_seed(0)
     model = unet_lib.build(TINY_UNET, 4, SCHEDULE, parameterisation)
-    images, labels = _toy_images()
+    images, labels = toy_images()
     device = torch.device("cpu")
 
     old_log, new_log = [], []
@@ -226,7 +218,7 @@ def test_shared_loop_trains_the_classifiers_bit_for_bit_as_the_old_loop(tmp_path
                                 log_every=2, precision=precision, num_classes=4, timm_model="test_resnet",
                                 channels=[8, 16], scheduler=SCHEDULE))
     train = train_evaluator if trainer == "evaluator" else train_noisy_classifier
-    images, labels = _toy_images()
+    images, labels = toy_images()
     device = torch.device("cpu")
     old_log, new_log = [], []
 
@@ -245,7 +237,8 @@ def test_shared_loop_trains_the_classifiers_bit_for_bit_as_the_old_loop(tmp_path
 
 TRAINERS = {"fmnist_unet": train_unet, "fmnist_unet_weak": train_unet, "fmnist_flow": train_unet,
             "fmnist_evaluator": train_evaluator, "fmnist_offshelf": train_evaluator,
-            "fmnist_noisy_classifier": train_noisy_classifier}
+            "fmnist_noisy_classifier": train_noisy_classifier, "fmnist_guided_student": train_guided_student,
+            "fmnist_guided_student_lora": train_guided_student, "fmnist_progressive": train_progressive}
 
 
 def test_every_train_recipe_names_its_trainer():
