@@ -34,7 +34,7 @@ from diffguide import results
 from diffguide.checkpoint import atomic_write_bytes, atomic_write_text
 from diffguide.metrics import intervals
 
-FIXED = ["guidance", "scale", "sampler", "steps", "seed", "status", "reason", "nfe", "num_samples"]
+FIXED = ["guidance", "scale", "model", "sampler", "steps", "seed", "status", "reason", "nfe", "num_samples"]
 #: the statistics the table shows, in order: (name in intervals.NAMES or fid_inf, number format)
 SHOWN = [("fid", "{:.2f}"), ("fid_inf", "{:.2f}"), ("class_accuracy", "{:.3f}"), ("precision", "{:.3f}"),
          ("recall", "{:.3f}"), ("isc", "{:.2f}"), ("kid", "{:.4f}")]
@@ -47,6 +47,7 @@ def collect(sweep: Path) -> list[dict]:
         row = {k: v for k, v in point.record.items() if not isinstance(v, (dict, list))}
         row.update(status=point.status, job=str(point.folder.relative_to(sweep)), _dir=str(point.folder))
         config = point.record.get("config") or {}
+        row["model"] = model_name(config)
         if row.get("seed") is None and isinstance(config.get("seed"), int):
             row["seed"] = config["seed"]
         if point.status == "done":
@@ -54,6 +55,19 @@ def collect(sweep: Path) -> list[dict]:
             row.update(reason="", _settings={k: v for k, v in guidance_cfg.items() if k not in ("scale", "_target_")})
         rows.append(row)
     return rows
+
+
+def model_name(config: dict) -> str | None:
+    """A point's model in a word: its weights file's stem (fmnist_unet, fmnist_guided_student_8step), a hub source's
+    name, or its loader's name."""
+    model = config.get("model") or {}
+    if not isinstance(model, dict):
+        return None
+    source = model.get("weights") or model.get("source")
+    if isinstance(source, str) and source:
+        return Path(source.rstrip("/")).stem or source
+    target = model.get("_target_")
+    return target.rsplit(".", 1)[-1] if isinstance(target, str) else None
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -69,9 +83,10 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def _series(rows: list[dict]) -> dict[str, list[dict]]:
     """Finished points grouped into curves: by method, by the method's settings other than its scale where the sweep
-    varies them (e.g. guidance.base=autoguidance), and by sampler/steps where the sweep varies those."""
+    varies them (e.g. guidance.base=autoguidance), and by model/sampler/steps where the sweep varies those (two
+    students at one scale are two curves, not two seeds of one)."""
     done = [r for r in rows if r["status"] == "done"]
-    vary = [key for key in ("sampler", "steps") if len({r.get(key) for r in done}) > 1]
+    vary = [key for key in ("model", "sampler", "steps") if len({r.get(key) for r in done}) > 1]
     varied_settings: dict[str, set] = {}
     for name in {r["guidance"] for r in done}:
         settings = [r.get("_settings") or {} for r in done if r["guidance"] == name]

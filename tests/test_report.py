@@ -14,7 +14,7 @@ from diffguide import report
 from diffguide.metrics import intervals as iv
 
 
-def _point(folder, guidance, scale, features, reference, labels, seed=0, correct=None):
+def _point(folder, guidance, scale, features, reference, labels, seed=0, correct=None, model=None):
     """A finished point: features.npz from `features`, metrics.json from the same statistics on the full sample."""
     folder.mkdir(parents=True)
     stats = iv.PointStats(labels=np.asarray(labels))
@@ -29,6 +29,8 @@ def _point(folder, guidance, scale, features, reference, labels, seed=0, correct
     estimates["class_accuracy"] = float(stats.correct.mean())
     record = {"guidance": guidance, "scale": scale, "sampler": "ddim", "steps": 25, "nfe": 50.0,
               "num_samples": len(labels), "wall_time_s": 10.0, "config": {"seed": seed, "guidance": {"scale": scale}}}
+    if model is not None:
+        record["config"]["model"] = {"_target_": "diffguide.models.student.load", "weights": f"/w/{model}.safetensors"}
     for name, value in estimates.items():
         key = name if name == "class_accuracy" else f"{name}_x"
         record[key] = value
@@ -102,6 +104,20 @@ def test_seeds_are_aggregated_with_a_t_interval(tmp_path):
     assert (low, high) == pytest.approx((np.mean(fids) - half, np.mean(fids) + half))
     text, notes = report.report(rows, "cfg")
     assert "0,1000,2000" in text and not notes
+
+
+def test_points_of_two_models_at_one_scale_are_two_curves_not_two_seeds(tmp_path):
+    """A sweep over students (model=fmnist_guided_student,fmnist_guided_student_lora guidance=distilled scale=2):
+    the same method, scale and seed on two models are two settings, each named by its weights file."""
+    rng = np.random.default_rng(2)
+    reference = rng.normal(0, 1, (500, 4))
+    for model in ("fmnist_guided_student", "fmnist_guided_student_lora"):
+        _point(tmp_path / model, "distilled", 2.0, rng.normal(0.2, 1, (200, 4)), reference, np.arange(200) % 10,
+               model=model)
+    table = report.settings(report.collect(tmp_path))
+    assert sorted(table) == [("distilled model=fmnist_guided_student", 2.0),
+                             ("distilled model=fmnist_guided_student_lora", 2.0)]
+    assert all(len(points) == 1 for points in table.values())
 
 
 def test_overlapping_seeds_are_named(tmp_path):
