@@ -232,9 +232,11 @@ def save(student: GuidedStudent, path: Path, extra: dict | None = None) -> None:
                     {**unet_lib.config_of(student), **_card(student), **(extra or {})})
 
 
-def load(weights: str, teacher: str | None = None) -> GuidedStudent:
+def load(weights: str, teacher: str | None = None, merge: bool = True) -> GuidedStudent:
     """The `_target_` of conf/model/fmnist_guided_student*.yaml. A full student rebuilds from its own checkpoint; a
-    LoRA student needs its teacher's file (`teacher`), checked against the digest recorded at training."""
+    LoRA student needs its teacher's file (`teacher`), checked against the digest recorded at training, and with
+    `merge` its adapters are merged into the base weights (peft's merge: the same network, sampled at a full
+    student's speed; the frozen base is then no longer the teacher's bit for bit)."""
     if teacher is None:
         tensors, config = checkpoint.load(weights, KIND)
         base = unet_lib.build(config["unet"], config["num_classes"], config["scheduler"])
@@ -255,6 +257,12 @@ def load(weights: str, teacher: str | None = None) -> GuidedStudent:
     if missing or set(tensors) - set(trainable_state(student)):
         raise UserError(f"{weights} does not match the LoRA layout it names ({len(missing)} tensors missing)")
     student.unet.load_state_dict(tensors, strict=False)
+    if merge:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in student.unet.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
     return student.eval().requires_grad_(False)
 
 
