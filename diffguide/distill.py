@@ -157,19 +157,33 @@ def train_guided_student(cfg: DictConfig, images: torch.Tensor, labels: torch.Te
     return student.eval(), stats
 
 
+WEIGHTINGS = ("snr", "truncated_snr")
+
+
 def progressive_loss(teacher: student_lib.GuidedStudent, student: student_lib.GuidedStudent, x_t: torch.Tensor,
-                     labels: torch.Tensor, w: torch.Tensor, t: Level, t_mid: Level, t_next: Level) -> torch.Tensor:
-    """Salimans & Ho's loss for one batch at one student step t -> t_next: the truncated-SNR-weighted x0 error
-    max(alpha_t^2 / sigma_t^2, 1) |x^ - x~|^2 (their "truncated SNR" weighting), x^ the student's x0 at (x_t, t),
-    x~ `two_step_target` of the teacher at the same w."""
+                     labels: torch.Tensor, w: torch.Tensor, t: Level, t_mid: Level, t_next: Level,
+                     weighting: str = "snr") -> torch.Tensor:
+    """The loss of one batch at one student step t -> t_next against `two_step_target` x~ of the teacher at the same
+    w, x^ = (x_t - sigma_t eps^) / alpha_t the student's x0:
+
+    - "truncated_snr": Salimans & Ho's max(alpha_t^2 / sigma_t^2, 1) |x^ - x~|^2 (their truncated-SNR weighting);
+    - "snr" (default): alpha_t^2 / sigma_t^2 |x^ - x~|^2, i.e. |eps^ - eps~|^2 with eps~ the eps consistent with x~
+      at x_t: the eps-prediction student's own loss. Salimans & Ho weight the x0 error by at least 1 because their
+      students predict x or v; an eps student's x0 at the first level (t = 999, alpha 0.0063) is its eps error times
+      158, so bf16's rounding of the output alone makes an x0 error of about 1 there (measured: the truncated-SNR
+      loss swung between 0.04 and 4 from batch to batch), while the step it takes moves x by that error times
+      alpha_next - sigma_next alpha_t / sigma_t (0.05 at 4 steps), and the sampler clips x0."""
+    if weighting not in WEIGHTINGS:
+        raise UserError(f"train.weighting={weighting!r} is not one of {', '.join(WEIGHTINGS)}")
     with torch.no_grad():
         target = two_step_target(lambda x, level: teacher.predict_guided(x, level, labels, w), x_t, t, t_mid, t_next,
                                  teacher.data_range)
     time = torch.full((x_t.shape[0],), t.t, device=x_t.device, dtype=torch.long)
     eps = student.guided_output(x_t, time, labels, w).float()
+    if weighting == "snr":
+        return F.mse_loss(eps, (x_t - t.alpha * target) / t.noise)
     x0 = (x_t - t.noise * eps) / t.alpha
-    weight = max(t.alpha ** 2 / t.noise ** 2, 1.0)
-    return weight * F.mse_loss(x0, target)
+    return max(t.alpha ** 2 / t.noise ** 2, 1.0) * F.mse_loss(x0, target)
 
 
 def round_levels(model, steps: int) -> tuple[list[Level], list[Level]]:
@@ -198,6 +212,8 @@ def train_progressive(cfg: DictConfig, images: torch.Tensor, labels: torch.Tenso
     from diffguide.train import _train_loop, to_model_range, write_card
 
     rounds = [int(r) for r in cfg.rounds]
+    if cfg.get("weighting", "snr") not in WEIGHTINGS:
+        raise UserError(f"train.weighting={cfg.weighting!r} is not one of {', '.join(WEIGHTINGS)}")
     if not rounds or any(b * 2 != a for a, b in zip(rounds, rounds[1:])) or rounds[-1] < 1:
         raise UserError(f"train.rounds must halve from one round to the next, e.g. [16, 8, 4] (got {rounds})")
     teacher = student_lib.load(str(cfg.student)).to(device)
@@ -223,7 +239,8 @@ def train_progressive(cfg: DictConfig, images: torch.Tensor, labels: torch.Tenso
             noise = torch.randn((cfg.batch_size, *x_all.shape[1:]), generator=generator)
             w = (lo + (hi - lo) * torch.rand(cfg.batch_size, generator=generator)).to(device)
             x_t = (t.alpha * x_all[idx] + t.noise * noise).to(device)
-            return progressive_loss(teacher, student, x_t, labels[idx].to(device), w, t, t_mid, t_next)
+            return progressive_loss(teacher, student, x_t, labels[idx].to(device), w, t, t_mid, t_next,
+                                    cfg.get("weighting", "snr"))
 
         out = out_path(str(cfg.out), steps)
         card = {"teacher_steps": 2 * steps, "student_steps": steps, "w_range": [lo, hi],

@@ -85,7 +85,10 @@ def table(points: dict[tuple[str, float], dict], scales: list[float]) -> str:
                 d = diffs.get(name)
                 cells.append("-" if d is None else _fmt(*d) + ("*" if report.significant(d[1], d[2]) else ""))
             cells.append("-" if base is None else f"{p['fid_fmnist'] / base['fid_fmnist']:.2f}")
-            cells += [_fmt(p.get("precision"), digits=3), _fmt(p.get("recall"), digits=3),
+            cells += [_fmt(p.get("precision_fmnist"), p.get("precision_fmnist_lo", math.nan),
+                           p.get("precision_fmnist_hi", math.nan), digits=3),
+                      _fmt(p.get("recall_fmnist"), p.get("recall_fmnist_lo", math.nan),
+                           p.get("recall_fmnist_hi", math.nan), digits=3),
                       _fmt(p.get("class_accuracy"), p.get("class_accuracy_lo", math.nan),
                            p.get("class_accuracy_hi", math.nan), digits=3)]
             d = diffs.get("class_accuracy")
@@ -137,7 +140,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/distill"))
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--scales", default="1.5,2,3")
-    parser.add_argument("--only", default="", help="comma-separated rows (default: all)")
+    parser.add_argument("--only", default="", help="rows separated by ';' (default: all; the baseline always)")
     parser.add_argument("--no-fast-paths", action="store_true", help="leave out cfg_interval and adaptive")
     parser.add_argument("--plot", type=Path, default=Path("docs/distill_fid_vs_nfe.png"))
     parser.add_argument("--dry-run", action="store_true", help="only tabulate the points already run")
@@ -145,7 +148,7 @@ def main() -> None:
     scales = [float(s) for s in args.scales.split(",")]
     rows = {**ROWS, **({} if args.no_fast_paths else FAST_PATHS)}
     if args.only:
-        rows = {k: v for k, v in rows.items() if k in args.only.split(",") or k == BASELINE}
+        rows = {k: v for k, v in rows.items() if k in args.only.split(";") or k == BASELINE}
     points = {}
     for scale in scales:
         for row, (overrides, steps) in rows.items():

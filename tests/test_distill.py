@@ -193,6 +193,34 @@ def test_the_target_is_clipped_where_the_sampler_clips():
     assert unclipped.abs().min() > 1 and clipped.abs().max() <= 1
 
 
+def test_the_two_weightings_of_the_progressive_loss():
+    """snr: |eps^ - eps~|^2 = (alpha^2 / sigma^2) |x^ - x~|^2; truncated_snr: max(alpha^2 / sigma^2, 1) |x^ - x~|^2
+    (Salimans & Ho, Sec. 4): checked on a student whose output is known, at a low and a high noise level."""
+    from diffguide.models import gmm as gmm_lib
+
+    teacher = gmm_lib.DistilledMixture(torch.tensor([[[[0.5]]], [[[-0.5]]]]), 0.3)
+
+    class Fixed(torch.nn.Module):
+        def guided_output(self, x, time, labels, w):
+            return torch.full_like(x, 0.25)
+
+    grid = teacher.schedule.grid(DDIM.scheduler_class, 4, "trailing")
+    labels = torch.tensor([0, 1])
+    w = torch.tensor([2.0, 3.0])
+    x_t = torch.tensor([[[[0.3]]], [[[-1.2]]]])
+    for t, t_mid, t_next in ((grid[0], grid[1], grid[2]), (grid[2], grid[3], CLEAN)):
+        x_tilde = distill.two_step_target(lambda x, lv: teacher.predict_guided(x, lv, labels, w), x_t, t, t_mid,
+                                          t_next, teacher.data_range)
+        x_hat = (x_t - t.noise * 0.25) / t.alpha
+        snr = t.alpha ** 2 / t.noise ** 2
+        x_err = (x_hat - x_tilde).pow(2).mean().item()
+        for weighting, weight in (("snr", snr), ("truncated_snr", max(snr, 1.0))):
+            got = distill.progressive_loss(teacher, Fixed(), x_t, labels, w, t, t_mid, t_next, weighting).item()
+            assert got == pytest.approx(weight * x_err, rel=1e-4), (weighting, t.t)
+    with pytest.raises(UserError, match="train.weighting='x' is not one of snr, truncated_snr"):
+        distill.progressive_loss(teacher, Fixed(), x_t, labels, w, *grid[:3], "x")
+
+
 def test_round_levels_nest_and_grids_that_do_not_are_refused():
     gmm = GaussianMixture(torch.zeros(2, 1, 1, 1), 0.5)
     student_levels, teacher_levels = distill.round_levels(gmm, 8)

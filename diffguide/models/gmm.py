@@ -110,6 +110,8 @@ class DistilledMixture(GaussianMixture):
         level = self.level(t)
         out_u = self.network(x, level, self.null_labels(labels))
         out_c = self.network(x, level, labels)
+        w = torch.as_tensor(w, dtype=out_u.dtype, device=out_u.device)
+        w = w.view(-1, *([1] * (out_u.dim() - 1))) if w.dim() else w  # a scale per row, or one for all
         return self.parameterisation.prediction(out_u + w * (out_c - out_u), x, level)
 
     def check_sampling(self, sampler, guidance=None) -> None:
