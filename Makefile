@@ -41,7 +41,7 @@ method-table:
 	$(PYTHON) -m diffguide.report outputs/method_table
 
 # guidance distillation (README "Distilled students"): stage 1, progressive rounds 16 -> 8 -> 4 steps, the LoRA
-# student (about an hour on a 2-core CPU), then the table against CFG and the FID-vs-NFE plot
+# student, then the table against CFG and the FID-vs-NFE plot (about 90 min on a 2-core CPU)
 distill:
 	$(PYTHON) -m diffguide.train train=fmnist_guided_student
 	$(PYTHON) -m diffguide.train train=fmnist_progressive

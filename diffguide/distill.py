@@ -1,5 +1,5 @@
 """Guidance distillation (Meng et al. 2023, "On Distillation of Guided Diffusion Models"; no official code) and its
-LoRA variant ("LoRA-Enhanced Distillation on Guided Diffusion Models", Golnari 2023; no code). Trainers for
+LoRA variant ("LoRA-Enhanced Distillation on Guided Diffusion Models", arXiv 2312.06899; no code). Trainers for
 `python -m diffguide.train train=NAME`:
 
 - `train_guided_student` (train=fmnist_guided_student, fmnist_guided_student_lora): stage 1. A student with a
@@ -28,7 +28,6 @@ from diffguide.errors import UserError
 from diffguide.guidance.base import GuidedPrediction
 from diffguide.models import student as student_lib
 from diffguide.models import unet as unet_lib
-from diffguide.models.parameterisation import Prediction
 from diffguide.models.schedules import CLEAN, Level
 from diffguide.runtime import resolve_precision
 from diffguide.samplers.ddim import DDIM

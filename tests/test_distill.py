@@ -2,8 +2,6 @@
 Guided Diffusion Models" (arXiv 2210.03142, no official code), its stage 2 from Salimans & Ho 2022, "Progressive
 Distillation for Fast Sampling of Diffusion Models" (arXiv 2202.00512, Algorithm 2), and the LoRA variant."""
 
-import copy
-
 import pytest
 import torch
 from omegaconf import OmegaConf
