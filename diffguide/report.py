@@ -249,7 +249,7 @@ def choose_baseline(table: dict, spec: str | None) -> tuple | None:
     return min(found, key=lambda key: (aggregate(table[key], "fid") or (math.inf,))[0])
 
 
-def _cell(value, fmt, low=math.nan, high=math.nan) -> str:
+def cell(value, fmt, low=math.nan, high=math.nan) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     text = fmt.format(value)
@@ -274,21 +274,21 @@ def markdown(table: dict, baseline: tuple | None, diffs: dict) -> str:
         first = points[0]
         seeds = sorted(p.get("seed") for p in points if p.get("seed") is not None)
         cells = [key[0], "" if key[1] is None else f"{key[1]:g}", str(first.get("num_samples", "")),
-                 ",".join(map(str, seeds)), _cell(first.get("nfe"), "{:.1f}"),
-                 _cell(float(np.mean([_seconds_per_image(p) for p in points])) * 1000, "{:.0f}")]
+                 ",".join(map(str, seeds)), cell(first.get("nfe"), "{:.1f}"),
+                 cell(float(np.mean([seconds_per_image(p) for p in points])) * 1000, "{:.0f}")]
         for name, fmt in shown:
             value = aggregate(points, name)
-            cells.append("" if value is None else _cell(value[0], fmt, value[1], value[2])
+            cells.append("" if value is None else cell(value[0], fmt, value[1], value[2])
                          + (f" ±{fmt.format(value[3])}" if len(points) > 1 else ""))
             if name in ("fid", "class_accuracy") and baseline is not None:
                 d = diffs.get(key, {}).get(name)
                 cells.append("baseline" if key == baseline else "" if d is None else
-                             _cell(d[0], "{:+" + fmt[2:], d[1], d[2]) + (" *" if significant(d[1], d[2]) else ""))
+                             cell(d[0], "{:+" + fmt[2:], d[1], d[2]) + (" *" if significant(d[1], d[2]) else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _seconds_per_image(point: dict) -> float:
+def seconds_per_image(point: dict) -> float:
     """Sampling seconds per image over every run that made the point's images (older points: their last run's)."""
     if point.get("sampling_s_per_image") is not None:
         return float(point["sampling_s_per_image"])

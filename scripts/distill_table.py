@@ -13,9 +13,9 @@ paths the project already has (cfg_interval, adaptive) are run at the same w for
 import argparse
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
+
+from method_table import ensure_point  # scripts/ is on sys.path when this file runs
 
 from diffguide import report
 
@@ -44,30 +44,18 @@ def folder(out: Path, row: str, scale: float) -> Path:
 
 def point(out: Path, row: str, scale: float, overrides: list[str], steps: int, n: int, dry_run: bool) -> dict | None:
     path = folder(out, row, scale)
-    metrics = path / "metrics.json"
-    done = json.loads(metrics.read_text()) if metrics.exists() else None
-    if (done is None or done["num_samples"] != n or "fid_fmnist_lo" not in done) and not dry_run:
-        cmd = [sys.executable, "-m", "diffguide.run", *overrides, f"steps={steps}", f"scale={scale}",
-               f"num_samples={n}", f"out_dir={path}", "logger=none"]
-        print("+", " ".join(cmd[1:]), file=sys.stderr, flush=True)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "runs.log", "a") as log:
-            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
-                print(f"  failed: see {out / 'runs.log'}", file=sys.stderr)
-                return None
-        done = json.loads(metrics.read_text())
+    if dry_run:
+        metrics = path / "metrics.json"
+        done = json.loads(metrics.read_text()) if metrics.exists() else None
+    else:
+        done = ensure_point(path, [*overrides, f"steps={steps}", f"scale={scale}"], n, out / "runs.log", rescore=True)
     if done is None or done["num_samples"] != n:
         return None
     return {**done, "_label": row, "_dir": str(path), "seed": done["config"]["seed"], "status": "done"}
 
 
 def _fmt(value, low=math.nan, high=math.nan, digits=2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    text = f"{value:.{digits}f}"
-    if not math.isnan(low):
-        text += f" [{low:.{digits}f}, {high:.{digits}f}]"
-    return text
+    return report.cell(value, f"{{:.{digits}f}}", low, high) or "-"
 
 
 def table(points: dict[tuple[str, float], dict], scales: list[float]) -> str:
@@ -93,9 +81,7 @@ def table(points: dict[tuple[str, float], dict], scales: list[float]) -> str:
                            p.get("class_accuracy_hi", math.nan), digits=3)]
             d = diffs.get("class_accuracy")
             cells.append("-" if d is None else _fmt(*d, digits=3) + ("*" if report.significant(d[1], d[2]) else ""))
-            rate = p.get("sampling_s_per_image") or (p["sampling_wall_s"] / p["images_generated"]
-                                                    if p.get("images_generated") else None)
-            cells.append("-" if not rate else f"{1000 * rate:.0f}")
+            cells.append(_fmt(1000 * report.seconds_per_image(p), digits=0))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -98,18 +98,32 @@ def read_point(out: Path, name: str, scale) -> dict | None:
 def run_point(out: Path, name: str, scale, num_samples: int, extra: list[str], rescore: bool = False) -> dict | None:
     """The point at `num_samples`: read when its metrics.json is at that count (and, with `rescore`, already has
     intervals), else run (samples already in the folder are reused; only the missing ones are made)."""
-    folder = point_dir(out, name, scale)
-    done = read_point(out, name, scale)
-    if done is None or done["num_samples"] != num_samples or (rescore and "fid_fmnist_lo" not in done):
-        guidance, variant = VARIANTS.get(name, (name, []))
-        cmd = [sys.executable, "-m", "diffguide.run", f"guidance={guidance}", *variant, f"num_samples={num_samples}",
-               f"out_dir={folder}", "logger=none", *([] if scale is None else [f"scale={scale}"]), *extra]
-        print("+", " ".join(cmd[1:]), file=sys.stderr, flush=True)
-        with open(out / "sweep.log", "a") as log:
-            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
-                print(f"  failed: see {out / 'sweep.log'}", file=sys.stderr)
-                return None
+    guidance, variant = VARIANTS.get(name, (name, []))
+    overrides = [f"guidance={guidance}", *variant, *([] if scale is None else [f"scale={scale}"]), *extra]
+    if ensure_point(point_dir(out, name, scale), overrides, num_samples, out / "sweep.log", rescore) is None:
+        return None
     return read_point(out, name, scale)
+
+
+def ensure_point(folder: Path, overrides: list[str], num_samples: int, log_path: Path,
+                 rescore: bool = False) -> dict | None:
+    """The metrics of `python -m diffguide.run OVERRIDES num_samples=N out_dir=FOLDER logger=none`: read when the
+    folder's metrics.json is at that count (and, with `rescore`, already has intervals), else run (samples already
+    in the folder are reused; only the missing ones are made), its output appended to `log_path`. None when the run
+    failed. scripts/distill_table.py runs its points through this too."""
+    metrics = folder / "metrics.json"
+    done = json.loads(metrics.read_text()) if metrics.exists() else None
+    if done is None or done["num_samples"] != num_samples or (rescore and "fid_fmnist_lo" not in done):
+        cmd = [sys.executable, "-m", "diffguide.run", *overrides, f"num_samples={num_samples}", f"out_dir={folder}",
+               "logger=none"]
+        print("+", " ".join(cmd[1:]), file=sys.stderr, flush=True)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as log:
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+                print(f"  failed: see {log_path}", file=sys.stderr)
+                return None
+        done = json.loads(metrics.read_text())
+    return done
 
 
 def _key(scale) -> str:
