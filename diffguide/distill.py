@@ -18,6 +18,7 @@ LoRA variant ("LoRA-Enhanced Distillation on Guided Diffusion Models", arXiv 231
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from diffguide.models import unet as unet_lib
 from diffguide.models.schedules import CLEAN, Level
 from diffguide.runtime import resolve_precision
 from diffguide.samplers.ddim import DDIM
+from diffguide.train import _train_loop, ema_of, noised, to_model_range, write_card
 
 
 def guided_target(teacher, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -43,11 +45,6 @@ def guided_target(teacher, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Ten
     uncond, cond = out.chunk(2)
     w = w.float().view(-1, *([1] * (x_t.dim() - 1)))
     return uncond + w * (cond - uncond)
-
-
-def noisy(model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    a = model.alphas_cumprod[t].float().view(-1, 1, 1, 1)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
 def two_step_target(predict, x_t: torch.Tensor, t: Level, t_mid: Level, t_next: Level,
@@ -63,16 +60,7 @@ def two_step_target(predict, x_t: torch.Tensor, t: Level, t_mid: Level, t_next: 
     alpha'' clip(x^) + sigma'' (x_t - alpha_t clip(x^)) / sigma_t, which is monotone in each pixel of x^, so clip(x~)
     is the student prediction whose step comes closest to the teacher's two."""
     sampler = DDIM(2, eta=0.0, clip_x0=data_range is not None)
-
-    class _Range:  # what DDIM's _finalize reads of a denoiser
-        def __init__(self):
-            self.data_range = data_range
-
-        @staticmethod
-        def level(level):
-            return level
-
-    holder = _Range()
+    holder = SimpleNamespace(data_range=data_range, level=lambda level: level)  # what DDIM reads of a denoiser
     x = x_t
     for level, lower in ((t, t_mid), (t_mid, t_next)):
         pred = sampler._finalize(holder, x, level, lower, GuidedPrediction.of(predict(x, level), nfe=1))
@@ -82,31 +70,11 @@ def two_step_target(predict, x_t: torch.Tensor, t: Level, t_mid: Level, t_next: 
     return target if data_range is None else target.clamp(*data_range)
 
 
-def _ema(parameters: dict[str, torch.nn.Parameter], decay: float):
-    """An EMA of the trainable parameters (with the warm-up of train.train_unet); returns (update, swap): `swap()`
-    exchanges the live and averaged values (call it twice to restore)."""
-    shadow = {k: p.detach().clone() for k, p in parameters.items()}
-
-    def update(step):
-        d = min(decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, p in parameters.items():
-                shadow[k].lerp_(p, 1 - d)
-
-    def swap():
-        with torch.no_grad():
-            for k, p in parameters.items():
-                live = p.detach().clone()
-                p.copy_(shadow[k])
-                shadow[k] = live
-
-    return update, swap
-
-
-def _save_student(student, cfg_out: str, ema_swap, stats: dict, extra: dict) -> None:
+def _save_student(student, out: str, ema_swap, stats: dict) -> None:
+    """Write the EMA student (not the live one) to `out`."""
     ema_swap()
     try:
-        student_lib.save(student, Path(cfg_out), extra={"training": stats, **extra})
+        student_lib.save(student, Path(out), extra={"training": stats})
     finally:
         ema_swap()
 
@@ -114,8 +82,6 @@ def _save_student(student, cfg_out: str, ema_swap, stats: dict, extra: dict) -> 
 def train_guided_student(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
                          test=None, log=print):
     """Stage 1 (see the module's docstring). Returns the (EMA) student and its training stats."""
-    from diffguide.train import _train_loop, to_model_range
-
     torch.manual_seed(cfg.seed)
     teacher_file = str(cfg.teacher)
     teacher = unet_lib.load(teacher_file)
@@ -132,7 +98,7 @@ def train_guided_student(cfg: DictConfig, images: torch.Tensor, labels: torch.Te
     student.to(device).train()
     student.set_precision(resolve_precision(cfg.precision))
     trainable = {k: p for k, p in student.unet.named_parameters() if p.requires_grad}
-    update, swap = _ema(trainable, cfg.ema_decay)
+    update, swap = ema_of(trainable, cfg.ema_decay)
     x_all = to_model_range(images)
     lo, hi = (float(v) for v in cfg.w_range)
 
@@ -142,21 +108,26 @@ def train_guided_student(cfg: DictConfig, images: torch.Tensor, labels: torch.Te
         noise = torch.randn((cfg.batch_size, *x_all.shape[1:]), generator=generator).to(device)
         w = (lo + (hi - lo) * torch.rand(cfg.batch_size, generator=generator)).to(device)
         y = labels[idx].to(device)
-        x_t = noisy(student, x_all[idx].to(device), t, noise)
+        x_t = noised(student.alphas_cumprod, x_all[idx].to(device), t, noise)
         target = guided_target(teacher, x_t, t, y, w)
         return F.mse_loss(student.guided_output(x_t, t, y, w).float(), target)
 
     card = {"teacher_file": Path(teacher_file).name, "w_range": [lo, hi], **student_lib.parameter_counts(student)}
     stats = _train_loop(cfg, trainable.values(), batch_loss, device, log, clip_grad_norm=1.0, after_step=update,
-                        save_checkpoint=lambda s: _save_student(student, cfg.out, swap, {**s, **card}, {}),
+                        save_checkpoint=lambda s: _save_student(student, cfg.out, swap, {**s, **card}),
                         checkpoint_every=cfg.checkpoint_every)
     stats.update(card)
-    _save_student(student, cfg.out, swap, stats, {})
+    _save_student(student, cfg.out, swap, stats)
     swap()
     return student.eval(), stats
 
 
 WEIGHTINGS = ("snr", "truncated_snr")
+
+
+def _check_weighting(weighting: str) -> None:
+    if weighting not in WEIGHTINGS:
+        raise UserError(f"train.weighting={weighting!r} is not one of {', '.join(WEIGHTINGS)}")
 
 
 def progressive_loss(teacher: student_lib.GuidedStudent, student: student_lib.GuidedStudent, x_t: torch.Tensor,
@@ -172,8 +143,7 @@ def progressive_loss(teacher: student_lib.GuidedStudent, student: student_lib.Gu
       158, so bf16's rounding of the output alone makes an x0 error of about 1 there (measured: the truncated-SNR
       loss swung between 0.04 and 4 from batch to batch), while the step it takes moves x by that error times
       alpha_next - sigma_next alpha_t / sigma_t (0.05 at 4 steps), and the sampler clips x0."""
-    if weighting not in WEIGHTINGS:
-        raise UserError(f"train.weighting={weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+    _check_weighting(weighting)
     with torch.no_grad():
         target = two_step_target(lambda x, level: teacher.predict_guided(x, level, labels, w), x_t, t, t_mid, t_next,
                                  teacher.data_range)
@@ -208,11 +178,8 @@ def train_progressive(cfg: DictConfig, images: torch.Tensor, labels: torch.Tenso
     (the first teacher, cfg.student, runs 2 x rounds[0] steps); cfg.steps training steps per round; every round's
     student is written to `out_path(cfg.out, steps)` with its card. Returns the last student and every round's
     stats."""
-    from diffguide.train import _train_loop, to_model_range, write_card
-
     rounds = [int(r) for r in cfg.rounds]
-    if cfg.get("weighting", "snr") not in WEIGHTINGS:
-        raise UserError(f"train.weighting={cfg.weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+    _check_weighting(cfg.get("weighting", "snr"))
     if not rounds or any(b * 2 != a for a, b in zip(rounds, rounds[1:])) or rounds[-1] < 1:
         raise UserError(f"train.rounds must halve from one round to the next, e.g. [16, 8, 4] (got {rounds})")
     teacher = student_lib.load(str(cfg.student)).to(device)
@@ -227,7 +194,7 @@ def train_progressive(cfg: DictConfig, images: torch.Tensor, labels: torch.Tenso
         student = student_lib.copy_student(teacher, trained_steps=steps).to(device).train().requires_grad_(True)
         student.set_precision(resolve_precision(cfg.precision))
         trainable = dict(student.unet.named_parameters())
-        update, swap = _ema(trainable, cfg.ema_decay)
+        update, swap = ema_of(trainable, cfg.ema_decay)
 
         def batch_loss(generator, student=student, student_levels=student_levels, teacher_levels=teacher_levels,
                        teacher=teacher):
@@ -248,10 +215,10 @@ def train_progressive(cfg: DictConfig, images: torch.Tensor, labels: torch.Tenso
         log(f"round: {2 * steps} -> {steps} DDIM steps")
         stats = _train_loop(cfg, trainable.values(), batch_loss, device, log, clip_grad_norm=1.0, after_step=update,
                             save_checkpoint=lambda s, out=out, swap=swap, student=student, card=card:
-                            _save_student(student, out, swap, {**s, **card}, {}),
+                            _save_student(student, out, swap, {**s, **card}),
                             checkpoint_every=cfg.checkpoint_every)
         stats.update(card)
-        _save_student(student, out, swap, stats, {})
+        _save_student(student, out, swap, stats)
         swap()
         round_cfg = copy.deepcopy(cfg)
         OmegaConf.set_struct(round_cfg, False)

@@ -1,7 +1,6 @@
 """Train the embedded Fashion-MNIST networks: `python -m diffguide.train train=NAME` runs the trainer that
 conf/train/NAME.yaml names by `_target_` (train_unet, train_evaluator or train_noisy_classifier)."""
 
-import copy
 import inspect
 import json
 import logging
@@ -56,8 +55,7 @@ def diffusion_loss(model: unet_lib.UNetDenoiser, x0: torch.Tensor, labels: torch
     batch = x0.shape[0]
     t = torch.randint(0, model.num_train_timesteps, (batch,), generator=generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    a = model.alphas_cumprod[t].float().view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    x_t = noised(model.alphas_cumprod, x0, t, noise)
     drop = torch.rand(batch, generator=generator).to(x0.device) < label_dropout
     labels = torch.where(drop, torch.full_like(labels, model.null_class), labels)
     return F.mse_loss(model.network_output(x_t, t, labels).float(), noise)
@@ -76,6 +74,34 @@ def flow_loss(model: unet_lib.UNetDenoiser, x0: torch.Tensor, labels: torch.Tens
     drop = torch.rand(batch, generator=generator).to(x0.device) < label_dropout
     labels = torch.where(drop, torch.full_like(labels, model.null_class), labels)
     return F.mse_loss(model.network_output(x_t, tau, labels).float(), noise - x0)
+
+
+def ema_of(parameters: dict[str, torch.nn.Parameter], decay: float):
+    """An exponential moving average of `parameters`, with a warm-up so that a short run still averages over its own
+    steps only (decay min(decay, (1 + step) / (10 + step))). Returns (update, swap): `update(step)` after each
+    optimiser step; `swap()` exchanges the live and the averaged values (call it again to restore)."""
+    shadow = {k: p.detach().clone() for k, p in parameters.items()}
+
+    def update(step):
+        d = min(decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, p in parameters.items():
+                shadow[k].lerp_(p, 1 - d)
+
+    def swap():
+        with torch.no_grad():
+            for k, p in parameters.items():
+                live = p.detach().clone()
+                p.copy_(shadow[k])
+                shadow[k] = live
+
+    return update, swap
+
+
+def noised(alphas_cumprod: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise per row, a_t = alphas_cumprod[t] (the forward process of DDPM)."""
+    a = alphas_cumprod[t].float().view(-1, *([1] * (x0.dim() - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
 def _stats(losses: list[float], steps: int, wall: float, device: torch.device, parameters) -> dict:
@@ -128,7 +154,6 @@ def train_unet(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, devi
                                OmegaConf.to_container(cfg.scheduler), cfg.get("parameterisation", "eps"))
     model = model.to(device).train().requires_grad_(True)
     model.set_precision(resolve_precision(cfg.precision))
-    ema = copy.deepcopy(model.unet).requires_grad_(False)
     x_all = to_model_range(images)
     loss_fn = flow_loss if cfg.get("parameterisation", "eps") == "flow" else diffusion_loss
 
@@ -136,29 +161,21 @@ def train_unet(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, devi
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=generator)
         return loss_fn(model, x_all[idx].to(device), labels[idx].to(device), cfg.label_dropout, generator)
 
-    def update_ema(step):
-        # EMA with a warm-up so that a short run still averages over its own steps only.
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.unet.parameters()):
-                p_ema.lerp_(p, 1 - decay)
+    update_ema, swap_ema = ema_of(dict(model.unet.named_parameters()), cfg.ema_decay)
+
+    def save(stats):
+        """Write the EMA network (not the live one) to cfg.out."""
+        swap_ema()
+        try:
+            unet_lib.save(model, Path(cfg.out), extra={"training": stats})
+        finally:
+            swap_ema()
 
     stats = _train_loop(cfg, model.unet.parameters(), batch_loss, device, log, clip_grad_norm=1.0,
-                        after_step=update_ema, save_checkpoint=lambda stats: _save_unet(model, ema, cfg, stats),
-                        checkpoint_every=cfg.checkpoint_every)
-    _save_unet(model, ema, cfg, stats)
-    model.unet.load_state_dict(ema.state_dict())
+                        after_step=update_ema, save_checkpoint=save, checkpoint_every=cfg.checkpoint_every)
+    save(stats)
+    swap_ema()  # the returned model is the EMA one
     return model, stats
-
-
-def _save_unet(model, ema, cfg, stats) -> None:
-    """Write the EMA network (not the live one) to cfg.out."""
-    live = model.unet
-    model.unet = ema
-    try:
-        unet_lib.save(model, Path(cfg.out), extra={"training": stats})
-    finally:
-        model.unet = live
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -224,8 +241,7 @@ def train_noisy_classifier(cfg: DictConfig, images: torch.Tensor, labels: torch.
     model = noisy_lib.NoisyClassifier(images.shape[1], list(cfg.channels), cfg.num_classes).to(device)
 
     def noisy(x0, t, noise):
-        a = alphas[t].view(-1, 1, 1, 1)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return noised(alphas, x0, t, noise)
 
     x_all = to_model_range(images)
 

@@ -14,6 +14,7 @@ from diffguide.models import unet as unet_lib
 from diffguide.models.gmm import GaussianMixture
 from diffguide.models.schedules import CLEAN
 from diffguide.samplers.ddim import DDIM
+from diffguide.train import noised
 from tests.helpers import SCHEDULE, TINY_UNET, ToyDenoiser, toy_images
 
 
@@ -42,7 +43,7 @@ def _fixed_batch(student, n=32):
     images, labels = toy_images(n)
     x0 = images.float() / 127.5 - 1
     t = torch.randint(0, 1000, (n,), generator=g)
-    x_t = distill.noisy(student, x0, t, torch.randn(x0.shape, generator=g))
+    x_t = noised(student.alphas_cumprod, x0, t, torch.randn(x0.shape, generator=g))
     w = 1 + 3 * torch.rand(n, generator=g)
     return x_t, t, labels, w
 
