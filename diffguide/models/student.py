@@ -16,7 +16,9 @@ Three kinds share the class `GuidedStudent`:
   DDIM grid, `trained_steps` steps; they refuse other samplers and step counts.
 """
 
+import copy
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -74,14 +76,14 @@ class GuidedStudent(unet_lib.UNetDenoiser):
     #: a guidance method that feeds the scale to the network (guidance=distilled) checks for this
     guidance_input = True
 
-    def __init__(self, unet, num_classes, scheduler_config, w_range, trained_steps=None, teacher=None, lora=None):
+    def __init__(self, unet, num_classes, scheduler_config, w_range, trained_steps=None):
         super().__init__(unet, num_classes, scheduler_config)
         if not isinstance(unet.class_embedding, GuidanceEmbedding):
             unet.class_embedding = GuidanceEmbedding(unet.class_embedding, unet.time_embedding.linear_2.out_features)
         self.w_range = (float(w_range[0]), float(w_range[1]))
         self.trained_steps = trained_steps
-        self.teacher = teacher  # {"file": name, "sha256": digest} of the teacher a LoRA student is built on
-        self.lora = lora        # the LoRA config (peft LoraConfig's fields) of a LoRA student, else None
+        self.teacher = None  # {"file": name, "sha256": digest} of the teacher a LoRA student is built on
+        self.lora = None     # the LoRA config (peft LoraConfig's fields) of a LoRA student (set by add_lora)
 
     @property
     def embedding(self) -> GuidanceEmbedding:
@@ -92,22 +94,25 @@ class GuidedStudent(unet_lib.UNetDenoiser):
             raise UserError("a guided student predicts for a class only: it has no unconditional model")
         return super()._output(x, t, labels)
 
-    def guided_output(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, w) -> torch.Tensor:
-        """The network's output (eps) at per-row model times t for guidance scale(s) w (a number or a (batch,)
-        tensor): the batched forward of training."""
-        self.embedding.scale = torch.as_tensor(w, dtype=torch.float32, device=x.device)
+    @contextmanager
+    def _at_scale(self, w, device: torch.device):
+        """The forwards within see guidance scale(s) w (a number or a (batch,) tensor)."""
+        self.embedding.scale = torch.as_tensor(w, dtype=torch.float32, device=device)
         try:
-            return self.network_output(x, t, labels)
+            yield
         finally:
             self.embedding.scale = None
 
+    def guided_output(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, w) -> torch.Tensor:
+        """The network's output (eps) at per-row model times t for guidance scale(s) w: the batched forward of
+        training."""
+        with self._at_scale(w, x.device):
+            return self.network_output(x, t, labels)
+
     def predict_guided(self, x: torch.Tensor, t, labels: torch.Tensor, w) -> Prediction:
         """The student's guided prediction at level t: one network evaluation."""
-        self.embedding.scale = torch.as_tensor(w, dtype=torch.float32, device=x.device)
-        try:
+        with self._at_scale(w, x.device):
             return self.predict(x, t, labels)
-        finally:
-            self.embedding.scale = None
 
     def check_sampling(self, sampler, guidance) -> None:
         refuse_other_guidance(guidance)
@@ -133,8 +138,6 @@ def refuse_other_guidance(guidance) -> None:
 
 def from_teacher(teacher: unet_lib.UNetDenoiser, w_range, trained_steps=None) -> GuidedStudent:
     """A stage-1 student initialised from the teacher: the same weights, and a scale embedding that starts at zero."""
-    import copy
-
     if teacher.parameterisation.name != "eps" or teacher.null_class is None:
         raise UserError("guidance distillation needs an eps-prediction teacher with a null class (fmnist_unet)")
     unet = copy.deepcopy(teacher.unet)
@@ -143,8 +146,6 @@ def from_teacher(teacher: unet_lib.UNetDenoiser, w_range, trained_steps=None) ->
 
 def copy_student(student: GuidedStudent, trained_steps=None) -> GuidedStudent:
     """A full student with the weights of `student`, for the next round of progressive distillation."""
-    import copy
-
     if student.lora is not None:
         raise UserError("progressive distillation starts from a full stage-1 student, not a LoRA one")
     return GuidedStudent(copy.deepcopy(student.unet), student.num_classes, student.scheduler_config,
@@ -170,8 +171,6 @@ def add_lora(student: GuidedStudent, rank: int, alpha: float, target_modules: li
 def adapters_disabled(student: GuidedStudent):
     """A context within which a LoRA student's network is its frozen base (the teacher): LoRA-Enhanced
     Distillation's teacher shares the student's weights, one network in memory, not two."""
-    from contextlib import contextmanager
-
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     @contextmanager
