@@ -65,6 +65,8 @@ CASES = [
     ("progressive student at other steps", ["model=fmnist_guided_student_8step"], "run it with steps=8", 2, {}),
     ("scale outside a student's range", ["model=fmnist_guided_student", "scale=6"],
      "scale=6 is outside the scales this student was trained on", 2, {}),
+    ("lora student without its teacher", ["model=fmnist_guided_student_lora", "model.teacher=/nowhere/t.safetensors"],
+     "model.teacher: weights file not found: /nowhere/t.safetensors", 2, {}),
     ("lora student on another teacher", ["model=fmnist_guided_student_lora",
                                           f"model.teacher={WEIGHTS / 'fmnist_unet_weak.safetensors'}"],
      "is not the teacher this LoRA student was trained on", 2, {}),

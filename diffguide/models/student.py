@@ -244,6 +244,9 @@ def load(weights: str, teacher: str | None = None, merge: bool = True) -> Guided
         student.unet.load_state_dict(tensors)
         return student.eval().requires_grad_(False)
     tensors, config = checkpoint.load(weights, LORA_KIND)
+    if not Path(teacher).is_file():
+        raise UserError(f"model.teacher: weights file not found: {teacher} (a LoRA student is its teacher's file "
+                        f"plus the adapters in {Path(weights).name})")
     recorded = (config.get("teacher") or {}).get("sha256")
     if recorded is not None and checkpoint.file_digest(teacher, 64) != recorded:
         raise UserError(f"model.teacher={teacher} is not the teacher this LoRA student was trained on (its sha256 "
