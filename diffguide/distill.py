@@ -139,9 +139,9 @@ def progressive_loss(teacher: student_lib.GuidedStudent, student: student_lib.Gu
     - "truncated_snr": Salimans & Ho's max(alpha_t^2 / sigma_t^2, 1) |x^ - x~|^2 (their truncated-SNR weighting);
     - "snr" (default): alpha_t^2 / sigma_t^2 |x^ - x~|^2, i.e. |eps^ - eps~|^2 with eps~ the eps consistent with x~
       at x_t: the eps-prediction student's own loss. Salimans & Ho weight the x0 error by at least 1 because their
-      students predict x or v; an eps student's x0 at the first level (t = 999, alpha 0.0063) is its eps error times
-      158, so bf16's rounding of the output alone makes an x0 error of about 1 there (measured: the truncated-SNR
-      loss swung between 0.04 and 4 from batch to batch), while the step it takes moves x by that error times
+      students predict x or v; an eps student's x0 error at the first level (t = 999, alpha 0.0063) is its eps
+      error times sigma / alpha = 157, so bf16's rounding of the output alone makes an x0 error of about 1 there
+      (measured: the truncated-SNR loss swung between 0.04 and 4 from batch to batch), while the step it takes moves x by that error times
       alpha_next - sigma_next alpha_t / sigma_t (0.05 at 4 steps), and the sampler clips x0."""
     _check_weighting(weighting)
     with torch.no_grad():

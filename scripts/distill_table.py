@@ -5,9 +5,10 @@
 
 Every point is `python -m diffguide.run model=... steps=... scale=W out_dir=OUT/ROW/scale_W` (seed 0: every row sees
 the same initial noise and labels, so the rows are paired), run one at a time; a finished point is read, not run
-again (one scored before intervals existed is scored again from its samples). The baseline of each w is the teacher's CFG at 25 DDIM steps (50 NFE); every row gets its paired difference
-to it (95% bootstrap interval; `*` where the interval excludes 0) and its FID as a ratio of the baseline's. The fast
-paths the project already has (cfg_interval, adaptive) are run at the same w for the plot.
+again (one scored before intervals existed is scored again from its samples). The baseline of each w is the
+teacher's CFG at 25 DDIM steps (50 NFE); every row gets its paired difference to it (95% bootstrap interval; `*`
+where the interval excludes 0) and its FID as a ratio of the baseline's. The fast paths the project already has
+(cfg_interval, adaptive) are run at the same w for the plot.
 """
 
 import argparse
