@@ -1,5 +1,6 @@
 """Train the embedded Fashion-MNIST networks: `python -m diffguide.train train=NAME` runs the trainer that
-conf/train/NAME.yaml names by `_target_` (train_unet, train_evaluator or train_noisy_classifier)."""
+conf/train/NAME.yaml names by `_target_` (train_unet, train_dit, train_evaluator, train_noisy_classifier, the
+distillation trainers)."""
 
 import inspect
 import json
@@ -22,6 +23,7 @@ from diffguide.classifiers import noisy as noisy_lib
 from diffguide.config import CONF_DIR, register
 from diffguide.data import fashion_mnist
 from diffguide.errors import UserError
+from diffguide.models import dit as dit_lib
 from diffguide.models import unet as unet_lib
 from diffguide.networks import evaluator as evaluator_lib
 from diffguide.runtime import resolve_device, resolve_precision
@@ -152,6 +154,24 @@ def train_unet(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, devi
     if model is None:
         model = unet_lib.build(OmegaConf.to_container(cfg.unet), cfg.num_classes,
                                OmegaConf.to_container(cfg.scheduler), cfg.get("parameterisation", "eps"))
+    return _train_denoiser(cfg, model, model.unet, unet_lib.save, images, labels, device, log)
+
+
+def train_dit(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+              test: tuple[torch.Tensor, torch.Tensor] | None = None, log=print,
+              model: dit_lib.PixelDiT | None = None) -> tuple[dit_lib.PixelDiT, dict]:
+    """Train a pixel DiT (cfg.dit: DiTTransformer2DModel's arguments) with the UNet's recipe (the eps loss with
+    label dropout, warm-up + cosine AdamW, EMA, gradient clipping); returns the EMA model and its stats."""
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model = dit_lib.build(OmegaConf.to_container(cfg.dit), cfg.num_classes, OmegaConf.to_container(cfg.scheduler))
+    return _train_denoiser(cfg, model, model.transformer, dit_lib.save, images, labels, device, log)
+
+
+def _train_denoiser(cfg: DictConfig, model, network: torch.nn.Module, save_model, images: torch.Tensor,
+                    labels: torch.Tensor, device: torch.device, log) -> tuple:
+    """The denoisers' recipe: `network` (the model's trainable module) trained on the eps (or flow) loss, its EMA
+    written by `save_model(model, path, extra)` every cfg.checkpoint_every steps and at the end."""
     model = model.to(device).train().requires_grad_(True)
     model.set_precision(resolve_precision(cfg.precision))
     x_all = to_model_range(images)
@@ -161,17 +181,17 @@ def train_unet(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, devi
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=generator)
         return loss_fn(model, x_all[idx].to(device), labels[idx].to(device), cfg.label_dropout, generator)
 
-    update_ema, swap_ema = ema_of(dict(model.unet.named_parameters()), cfg.ema_decay)
+    update_ema, swap_ema = ema_of(dict(network.named_parameters()), cfg.ema_decay)
 
     def save(stats):
         """Write the EMA network (not the live one) to cfg.out."""
         swap_ema()
         try:
-            unet_lib.save(model, Path(cfg.out), extra={"training": stats})
+            save_model(model, Path(cfg.out), extra={"training": stats})
         finally:
             swap_ema()
 
-    stats = _train_loop(cfg, model.unet.parameters(), batch_loss, device, log, clip_grad_norm=1.0,
+    stats = _train_loop(cfg, network.parameters(), batch_loss, device, log, clip_grad_norm=1.0,
                         after_step=update_ema, save_checkpoint=save, checkpoint_every=cfg.checkpoint_every)
     save(stats)
     swap_ema()  # the returned model is the EMA one
