@@ -32,7 +32,8 @@ def dependency_files(node, prefix: str) -> dict[str, str]:
 #: they existed: left out of the fingerprint at that default, so that a folder made before them still resumes (its
 #: sampling.json and every sample's `run` digest stay what they were).
 ADDED_KEYS = {("sampler", "variance"): "fixed_small", ("guidance", "channels"): None,
-              ("model", "family"): "vp", ("model", "parameterisation"): None}
+              ("model", "family"): "vp", ("model", "parameterisation"): None,
+              ("sampler", "dynamic_threshold"): None, ("guidance", "schedule"): None}
 
 
 def revision(node) -> int:

@@ -16,23 +16,28 @@ defaults and their sources:
 AdaptiveProjectedGuidance gives the same D with guidance_scale = w - 1 and use_original_formulation=True (its
 default form, D_u + w update, differs once the update is projected); its own defaults are r = 15, no momentum,
 eta = 1.
+schedule: w varies over the trajectory (diffguide/guidance/weights.py; neutral w = 1, where D = D_c): D = D_c +
+(w_t - 1) update; the momentum buffer still takes every step's difference, and every step spends 2 evaluations.
 """
 
 import torch
 
 from diffguide.errors import UserError
 from diffguide.guidance.base import Guidance, GuidedPrediction
+from diffguide.guidance.common import momentum_average, projected_update
 
 
 class APG(Guidance):
     name = "apg"
 
-    def __init__(self, scale: float, eta: float = 0.0, norm_threshold: float = 1.64, momentum: float = -0.5):
+    def __init__(self, scale: float, eta: float = 0.0, norm_threshold: float = 1.64, momentum: float = -0.5,
+                 schedule=None):
         self.scale = self.check_scale(self.name, scale)
         if norm_threshold < 0:
             raise UserError(f"guidance=apg: norm_threshold must be >= 0 (got {norm_threshold}; 0 turns clipping off)")
         self.eta, self.norm_threshold, self.momentum = float(eta), float(norm_threshold), float(momentum)
         self._running = None
+        self.set_schedule(schedule)
 
     def check(self, denoiser):
         self.require_null_class(self.name, denoiser)
@@ -41,20 +46,12 @@ class APG(Guidance):
         self._running = None
 
     def update_direction(self, x0_cond: torch.Tensor, x0_uncond: torch.Tensor) -> torch.Tensor:
-        dims = list(range(1, x0_cond.ndim))
         diff = x0_cond - x0_uncond
         if self.momentum != 0.0:
-            self._running = diff if self._running is None else diff + self.momentum * self._running
-            diff = self._running
-        if self.norm_threshold > 0:
-            norm = diff.norm(p=2, dim=dims, keepdim=True)
-            diff = diff * torch.clamp(self.norm_threshold / norm, max=1.0)
-        diff64, unit = diff.double(), torch.nn.functional.normalize(x0_cond.double().flatten(1), dim=1)
-        unit = unit.view_as(x0_cond)
-        parallel = (diff64 * unit).sum(dim=dims, keepdim=True) * unit
-        return ((diff64 - parallel) + self.eta * parallel).to(diff.dtype)
+            self._running = diff = momentum_average(diff, self._running, self.momentum)
+        return projected_update(x0_cond, diff, self.eta, self.norm_threshold)
 
     def __call__(self, denoiser, x, t, labels):
         uncond, cond = denoiser.pair(x, t, labels)
-        x0 = cond.x0 + (self.scale - 1) * self.update_direction(cond.x0, uncond.x0)
+        x0 = cond.x0 + (self.weight(denoiser, t) - 1) * self.update_direction(cond.x0, uncond.x0)
         return GuidedPrediction(x0, denoiser.eps_from_x0(x, t, x0), nfe=2)

@@ -80,6 +80,28 @@ class Guidance:
     levels: list[Level] | None = None
     noise: Callable[[], torch.Tensor] | None = None
 
+    #: how the scale varies over the trajectory (diffguide/guidance/weights.py); None: the constant `scale`
+    schedule = None
+    #: the scale at which the method does not guide, which a schedule leaves where the strength is 0
+    #: (weights.py: w_t = neutral + (scale - neutral) f(p)): 1 for CFG's w (the conditional model) and the methods in
+    #: its convention (CFG-rescale, CFG-Zero*, APG, ICG, TSG); 0 for CFG++'s lambda and a perturbation scale s
+    neutral_scale: float = 1.0
+
+    def set_schedule(self, schedule) -> None:
+        """Take the `schedule` key of a CFG-like method's config (None: the constant scale). Every method with a
+        CFG-like scale calls this in __init__ (after setting its scale) and reads its scale at a step through
+        `weight`. A bad kind or key is refused here, in one line."""
+        from diffguide.guidance import weights
+
+        self.schedule = weights.make(self.name, schedule, self.neutral_scale)
+
+    def weight(self, denoiser: Denoiser, t) -> float:
+        """The scale at level t of the trajectory given to `begin`: `scale`, or the schedule's value there (exactly
+        `neutral_scale` where the schedule does not guide, so that a method can spend fewer evaluations there)."""
+        if self.schedule is None:
+            return self.scale
+        return self.schedule.weight(self.scale, denoiser.level(t), self.levels)
+
     def check(self, denoiser: Denoiser) -> None:
         """Refuse, in one line (UserError), a model this method cannot guide. Called once, before sampling."""
 

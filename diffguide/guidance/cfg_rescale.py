@@ -3,7 +3,7 @@
 o_cfg = o_u + w (o_c - o_u); o_r = o_cfg std(o_c) / std(o_cfg), the std per sample over all non-batch
 dimensions; o = phi o_r + (1 - phi) o_cfg, on the network's own output o, as diffusers' `guidance_rescale` does on
 its noise_pred (eps for eps models; the paper's v for v-prediction; the velocity for flow models). The paper uses
-phi = 0.7.
+phi = 0.7. schedule: w varies over the trajectory (diffguide/guidance/weights.py; neutral w = 1), phi stays.
 """
 
 import math
@@ -22,16 +22,17 @@ def rescale(guided, conditional, phi: float):
 class CFGRescale(Guidance):
     name = "cfg_rescale"
 
-    def __init__(self, scale: float, phi: float = 0.7):
+    def __init__(self, scale: float, phi: float = 0.7, schedule=None):
         self.scale = self.check_scale(self.name, scale)
         if not (isinstance(phi, (int, float)) and math.isfinite(phi) and 0.0 <= phi <= 1.0):
             raise UserError(f"guidance=cfg_rescale: phi must lie in [0, 1] (got {phi})")
         self.phi = float(phi)
+        self.set_schedule(schedule)
 
     def check(self, denoiser):
         self.require_null_class(self.name, denoiser)
 
     def __call__(self, denoiser, x, t, labels):
         uncond, cond = denoiser.pair(x, t, labels)
-        out = rescale(denoiser.output(combine(denoiser, x, t, uncond, cond, self.scale), x, t), denoiser.output(cond, x, t), self.phi)
+        out = rescale(denoiser.output(combine(denoiser, x, t, uncond, cond, self.weight(denoiser, t)), x, t), denoiser.output(cond, x, t), self.phi)
         return GuidedPrediction.of(denoiser.from_output(out, x, t), nfe=2)

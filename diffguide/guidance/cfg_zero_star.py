@@ -13,6 +13,8 @@ sampler takes it unclipped (clipping x0 would make the velocity nonzero again). 
 zero velocity in EDM coordinates instead, which inflates a latent model's x (an audit measured std 1.000 -> 1.486
 on DiT's first step).
 The projection acts on eps, as diffusers' ClassifierFreeZeroStarGuidance does. scale = CFG's w.
+schedule: w varies over the trajectory (diffguide/guidance/weights.py; neutral w = 1); the zero-init steps are
+unaffected (they evaluate nothing).
 """
 
 import torch
@@ -31,12 +33,13 @@ class CFGZeroStar(Guidance):
     name = "cfg_zero_star"
     revision = 1  # 1: zero-init as a zero flow velocity
 
-    def __init__(self, scale: float, zero_init_steps: int = 1):
+    def __init__(self, scale: float, zero_init_steps: int = 1, schedule=None):
         self.scale = self.check_scale(self.name, scale)
         if zero_init_steps < 0:
             raise UserError(f"guidance=cfg_zero_star: zero_init_steps must be >= 0 (got {zero_init_steps})")
         self.zero_init_steps = int(zero_init_steps)
         self._calls = 0
+        self.set_schedule(schedule)
 
     def check(self, denoiser):
         self.require_null_class(self.name, denoiser)
@@ -58,5 +61,5 @@ class CFGZeroStar(Guidance):
         uncond, cond = denoiser.pair(x, t, labels)
         out_u, out_c = denoiser.output(uncond, x, t), denoiser.output(cond, x, t)
         scaled_uncond = optimised_scale(out_c, out_u) * out_u
-        out = scaled_uncond + self.scale * (out_c - scaled_uncond)
+        out = scaled_uncond + self.weight(denoiser, t) * (out_c - scaled_uncond)
         return GuidedPrediction.of(denoiser.from_output(out, x, t), nfe=2)

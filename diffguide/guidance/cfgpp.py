@@ -6,6 +6,10 @@ lam lies in [0, 1] (0.6 in its examples; lam = 1 is not CFG at w = 1 because of 
 Read as CFG, one CFG++ DDIM step from sigma_t to sigma_next (sigma = sqrt((1 - a) / a)) is a CFG step at
 w_t = lam sigma_t / (sigma_t - sigma_next): a schedule that rises and falls over the trajectory and ends at lam;
 scripts/cfgpp_effective_scale.py prints it, and the lam whose median w_t matches a CFG weight.
+
+schedule (diffguide/guidance/weights.py): the rule acts on lambda with neutral_scale = 0, lam_t = lam f(p) (lam = 0,
+the unconditional model, where f = 0); its mean lambda over the trajectory is lam. Every step spends 2 evaluations
+(the re-noising needs eps_u, and the guided x0 eps_c, whatever lam_t is).
 """
 
 import warnings
@@ -16,12 +20,15 @@ from diffguide.guidance.common import combine
 
 class CFGPlusPlus(Guidance):
     name = "cfgpp"
+    #: lambda = 0 is the unconditional model, no guidance: a schedule scales lambda itself
+    neutral_scale = 0.0
 
-    def __init__(self, scale: float):
+    def __init__(self, scale: float, schedule=None):
         self.scale = self.check_scale(self.name, scale, lo=0.0)
         if self.scale > 1.0:
             warnings.warn(f"cfgpp scale (lambda) {self.scale} is outside the paper's range [0, 1]; "
                           f"it extrapolates beyond the conditional manifold step", stacklevel=2)
+        self.set_schedule(schedule)
 
     #: the samplers CFG++ has a form for (its official code and ComfyUI: DDIM, Euler, Euler-a, DPM++ 2S-a, DPM++ 2M;
     #: DDPM is DDIM at eta = 1 with the same re-noising); Heun and the SDE solver have none
@@ -32,4 +39,5 @@ class CFGPlusPlus(Guidance):
 
     def __call__(self, denoiser, x, t, labels):
         uncond, cond = denoiser.pair(x, t, labels)
-        return GuidedPrediction(x0=combine(denoiser, x, t, uncond, cond, self.scale).x0, eps=uncond.eps, nfe=2, consistent=False)
+        lam = self.weight(denoiser, t)
+        return GuidedPrediction(x0=combine(denoiser, x, t, uncond, cond, lam).x0, eps=uncond.eps, nfe=2, consistent=False)

@@ -8,6 +8,10 @@ keeps the exact timesteps of the scheduler, a flow model FlowMatchEulerDiscreteS
 The update rules are written here rather than taken from diffusers' `step` because a diffusers scheduler derives
 both the data estimate and the re-noising direction from one model output, and guidance methods such as CFG++ need
 the two to differ; diffusers still supplies the grids, and tests check each rule against its scheduler's step.
+
+x0 is brought into the model's data range (pixel models) before each step, where `clip_x0` (every sampler's key)
+asks: by the static clip to the range (guided-diffusion's clip_denoised), or, with `dynamic_threshold: p`, by Imagen's
+dynamic thresholding (Saharia et al. 2022, Sec. 2.3), which then replaces the static clip (see `dynamic_threshold`).
 """
 
 from typing import Callable, Sequence
@@ -22,21 +26,58 @@ from diffguide.models.schedules import CLEAN, Level, posterior_variance, transit
 SPACINGS = ("leading", "trailing", "linspace")
 
 
+def dynamic_threshold(x0: torch.Tensor, percentile: float, data_range: tuple[float, float]) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, Sec. 2.3 and its pseudocode): per sample, s = the
+    `percentile` quantile of |x0| over all non-batch dimensions (linear interpolation, torch.quantile's default and
+    diffusers'), s = max(s, 1), x0 = clamp(x0, -s, s) / s. Written for data in [-1, 1]; another range (lo, hi) is
+    mapped onto it first (x0 - centre) / half-width and back after (exact, no arithmetic change, for (-1, 1)).
+    Equals diffusers' `_threshold_sample` (DDPMScheduler, DDIMScheduler: thresholding=True,
+    dynamic_thresholding_ratio = percentile) with a sample_max_value no smaller than the largest s: diffusers caps s
+    at sample_max_value, and at its default 1.0 its rule is the static clip to [-1, 1] (its own comment,
+    scheduling_ddpm.py:452). Computed in float32 at least (diffusers' upcast: quantile needs it), returned in x0's
+    dtype."""
+    lo, hi = data_range
+    centre, half = (hi + lo) / 2, (hi - lo) / 2
+    y = x0 if x0.dtype in (torch.float32, torch.float64) else x0.float()
+    y = (y - centre) / half
+    s = torch.quantile(y.abs().flatten(1), percentile, dim=1).clamp(min=1.0)
+    s = s.view(-1, *[1] * (y.ndim - 1))
+    y = torch.clamp(y, -s, s) / s
+    return (centre + half * y).to(x0.dtype)
+
+
 class Sampler:
     name = "sampler"
     scheduler_class = None  # the diffusers scheduler whose grid this sampler follows on discrete VP models
 
-    def __init__(self, steps: int, spacing: str = "trailing", clip_x0: bool = True):
+    def __init__(self, steps: int, spacing: str = "trailing", clip_x0: bool = True,
+                 dynamic_threshold: float | None = None):
         if not isinstance(steps, int) or steps < 1:
             raise UserError(f"steps must be a whole number >= 1 (got {steps!r})")
         if spacing not in SPACINGS:
             raise UserError(f"sampler spacing {spacing!r} is not one of {', '.join(SPACINGS)}")
+        if dynamic_threshold is not None:
+            if isinstance(dynamic_threshold, bool) or not isinstance(dynamic_threshold, (int, float)) \
+                    or not 0.0 < dynamic_threshold <= 1.0:
+                raise UserError(f"sampler.dynamic_threshold must be a fraction in (0, 1] (0.995: the 99.5th "
+                                f"percentile of |x0|), or null for the static clip (got {dynamic_threshold!r})")
+            if not clip_x0:
+                raise UserError(f"sampler.dynamic_threshold={dynamic_threshold} replaces the static clip of x0, "
+                                f"which sampler.clip_x0=false turns off: set clip_x0=true, or dynamic_threshold=null")
+            dynamic_threshold = float(dynamic_threshold)
         self.steps, self.spacing, self.clip_x0 = steps, spacing, clip_x0
+        #: None: x0 is clipped to the data range (where clip_x0); a fraction p: Imagen's dynamic thresholding at the
+        #: p-quantile of |x0| instead (see `dynamic_threshold`)
+        self.dynamic_threshold = dynamic_threshold
 
     def check(self, denoiser: Denoiser, guidance: Guidance | None = None) -> None:
         """Refuse, in one line, a model (or a guidance method) this sampler cannot step with."""
         if denoiser.num_train_timesteps is not None and self.steps > denoiser.num_train_timesteps:
             raise UserError(f"steps={self.steps} exceeds the model's {denoiser.num_train_timesteps} training timesteps")
+        if self.dynamic_threshold is not None and denoiser.data_range is None:
+            raise UserError(f"sampler.dynamic_threshold needs a pixel model with a data range (Imagen's rule "
+                            f"thresholds at the range's bound); this model's x0 is a latent with none: "
+                            f"set sampler.dynamic_threshold=null")
         if guidance is not None and guidance.samplers is not None and self.name not in guidance.samplers:
             raise UserError(f"guidance={guidance.name} has no form for sampler={self.name}; it is defined on "
                             f"sampler={', '.join(guidance.samplers)}")
@@ -76,13 +117,18 @@ class Sampler:
 
     def _finalize(self, denoiser: Denoiser, x: torch.Tensor, t, t_next,
                   pred: GuidedPrediction) -> GuidedPrediction:
-        """Clip x0 to the model's data range where asked (pixel models), keeping eps consistent with it; then apply
-        the guidance's score in the sampler's form (see GuidedPrediction.score) and add its x0_offset, neither of
-        which the clipping may cut."""
+        """Clip x0 to the model's data range where asked (pixel models), or threshold it dynamically
+        (`dynamic_threshold`), keeping eps consistent with it (for a prediction whose eps is: CFG++'s stays eps_u,
+        and its thresholded x0 is re-noised with it, as with the static clip); then apply the guidance's score in the
+        sampler's form (see GuidedPrediction.score) and add its x0_offset, neither of which the clipping or
+        thresholding may cut."""
         t, t_next = denoiser.level(t), denoiser.level(t_next)
         x0, eps, score = pred.x0, pred.eps, pred.score
         if self.clip_x0 and pred.clip and denoiser.data_range is not None:
-            x0 = x0.clamp(*denoiser.data_range)
+            if self.dynamic_threshold is None:
+                x0 = x0.clamp(*denoiser.data_range)
+            else:
+                x0 = dynamic_threshold(x0, self.dynamic_threshold, denoiser.data_range)
             if pred.consistent:
                 eps = (x - t.alpha * x0) / t.noise
         if score is not None and t.alpha == 0:

@@ -14,8 +14,9 @@ class DDIM(Sampler):
     name = "ddim"
     scheduler_class = DDIMScheduler
 
-    def __init__(self, steps: int, eta: float = 0.0, spacing: str = "trailing", clip_x0: bool = True):
-        super().__init__(steps, spacing, clip_x0)
+    def __init__(self, steps: int, eta: float = 0.0, spacing: str = "trailing", clip_x0: bool = True,
+                 dynamic_threshold: float | None = None):
+        super().__init__(steps, spacing, clip_x0, dynamic_threshold)
         if not 0.0 <= eta <= 1.0:
             raise UserError(f"ddim eta must lie in [0, 1] (got {eta})")
         self.eta = eta

@@ -37,8 +37,9 @@ class DDPM(DDIM):
     scheduler_class = DDPMScheduler
     ancestral = True
 
-    def __init__(self, steps: int, spacing: str = "trailing", clip_x0: bool = True, variance: str = "fixed_small"):
-        super().__init__(steps, eta=1.0, spacing=spacing, clip_x0=clip_x0)
+    def __init__(self, steps: int, spacing: str = "trailing", clip_x0: bool = True, variance: str = "fixed_small",
+                 dynamic_threshold: float | None = None):
+        super().__init__(steps, eta=1.0, spacing=spacing, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold)
         if variance not in VARIANCES:
             raise UserError(f"sampler.variance={variance!r} is not one of {', '.join(VARIANCES)}")
         self.variance = variance

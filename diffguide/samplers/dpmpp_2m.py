@@ -33,8 +33,9 @@ class DPMSolverPP2M(Sampler):
     scheduler_class = DPMSolverMultistepScheduler
     history_keys = ("_prev_x0_base", "_prev_h")
 
-    def __init__(self, steps: int, spacing: str = "linspace", clip_x0: bool = True):
-        super().__init__(steps, spacing, clip_x0)
+    def __init__(self, steps: int, spacing: str = "linspace", clip_x0: bool = True,
+                 dynamic_threshold: float | None = None):
+        super().__init__(steps, spacing, clip_x0, dynamic_threshold)
         self.reset()
 
     def reset(self):

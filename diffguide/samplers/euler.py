@@ -26,8 +26,9 @@ class Euler(Sampler):
     name = "euler"
     scheduler_class = EulerDiscreteScheduler
 
-    def __init__(self, steps: int, spacing: str = "linspace", clip_x0: bool = True):
-        super().__init__(steps, spacing, clip_x0)
+    def __init__(self, steps: int, spacing: str = "linspace", clip_x0: bool = True,
+                 dynamic_threshold: float | None = None):
+        super().__init__(steps, spacing, clip_x0, dynamic_threshold)
 
     def step(self, denoiser, x, t, t_next, pred, noise, predict=None):
         return t_next.alpha * pred.x0 + t_next.noise * pred.eps
