@@ -224,6 +224,12 @@ class Denoiser(nn.Module):
         """The self-attention layer (a diffusers Attention) of one of `blocks()`, or None where it has none."""
         return None
 
+    def time_embeddings(self) -> list[torch.nn.Module]:
+        """The modules whose outputs are the network's timestep embedding (TSG perturbs them: hooks.outputs_perturbed),
+        the time path only, never a class or label embedding; [] for a family that declares none (TSG refuses it).
+        Each returns a (batch, dim) tensor per forward; a module may be called more than once in one forward."""
+        return []
+
     def perturbed(self, perturbation):
         """A context manager within which this model's forwards run its network perturbed as `perturbation`
         (a hooks.Perturbation) says; on exit the network is as it was. Raises, at the call, a one-line UserError

@@ -33,6 +33,15 @@ class _DiTBlocks:
     def self_attention(self, block):
         return block.attn1
 
+    def time_embeddings(self):
+        """The timestep path of each block's conditioning: `norm1.emb.timestep_embedder` (a TimestepEmbedding) of
+        every block's CombinedTimestepLabelEmbeddings, whose output the label embedding is added to afterwards
+        (`conditioning = timesteps_emb + class_labels`), so perturbing it leaves the label embedding as it is.
+        diffusers' DiT keeps one such embedder per block where facebookresearch/DiT has one shared `t_embedder`
+        (the converted weights are the same in every block); block 0's is also called for the final layer's
+        conditioning (DiTTransformer2DModel.forward: `self.transformer_blocks[0].norm1.emb(timestep, ...)`)."""
+        return [block.norm1.emb.timestep_embedder for block in self.transformer.transformer_blocks]
+
 
 class LatentDiT(_DiTBlocks, Denoiser):
     def __init__(self, transformer: DiTTransformer2DModel, vae: AutoencoderKL, scheduler_config: dict,

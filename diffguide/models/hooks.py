@@ -193,3 +193,31 @@ def _installed(pairs: list[tuple[nn.Module, ModelHook]], hook_name: str) -> Iter
     finally:
         for record in reversed(installed):
             _uninstall(record)
+
+
+# --- Output perturbation (TSG): a module's output replaced by a function of it ----------------------------------------
+
+
+class OutputHook(ModelHook):
+    """Replaces a module's output y by perturb(y), as a diffusers hook (post_forward)."""
+
+    def __init__(self, perturb):
+        super().__init__()
+        self.perturb = perturb
+
+    def post_forward(self, module: nn.Module, output):
+        return self.perturb(output)
+
+
+def outputs_perturbed(modules: Sequence[nn.Module], perturb, name: str = "network",
+                      what: str = "output perturbation") -> AbstractContextManager[None]:
+    """A context manager within which every forward of each module in `modules` returns perturb(output) instead of
+    its output (`perturb` is called once per call of a module, with that call's output; a module called twice in a
+    forward is perturbed twice). On exit, even through an exception, every module has the forward and the hook
+    registry it had before; parameters are never touched. Raises here, at the call, a one-line UserError where
+    `modules` is empty (`name` names the model, `what` the method, in it)."""
+    modules = list({id(module): module for module in modules}.values())  # each module hooked once
+    if not modules:
+        raise UserError(f"{what} needs the network's modules to perturb; model {name} declares none")
+    pairs = [(module, OutputHook(perturb)) for module in modules]
+    return _installed(pairs, f"diffguide_output_{next(_names)}")

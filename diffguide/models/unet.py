@@ -49,6 +49,11 @@ class UNetDenoiser(Denoiser):
     def self_attention(self, block):
         return block
 
+    def time_embeddings(self):
+        """UNet2DModel's `time_embedding` (TimestepEmbedding: the MLP on the sinusoidal projection of t), whose
+        output the class embedding is added to afterwards: perturbing it leaves the class embedding as it is."""
+        return [self.unet.time_embedding]
+
 
 def build(unet_config: dict, num_classes: int, scheduler_config: dict, parameterisation: str = "eps") -> UNetDenoiser:
     unet = UNet2DModel(**unet_config, num_class_embeds=num_classes + 1)
@@ -100,7 +105,9 @@ class PretrainedUNet(Denoiser):
         out = self.unet(x, t, class_labels=labels if self.conditional else None).sample
         return out[:, :x.shape[1]]  # learned-variance channels, when present, are not used by these samplers
 
-    blocks, self_attention = UNetDenoiser.blocks, UNetDenoiser.self_attention  # the same UNet2DModel layout
+    # the same UNet2DModel layout
+    blocks, self_attention, time_embeddings = (UNetDenoiser.blocks, UNetDenoiser.self_attention,
+                                               UNetDenoiser.time_embeddings)
 
 
 def load_pretrained(source: str, num_classes: int = 10, revision: str | None = None,
