@@ -38,14 +38,34 @@ GMM_CASES = {
     "gfcg": (["classifier=gmm_clean"], 3 * STEPS),
     "universal": (["classifier=gmm_clean", "guidance.recurrence=2"], 2 * 2 * STEPS),
     "distilled": (["model=gmm_distilled"], STEPS),   # the mixture's ideal student: CFG in one evaluation
+    "apg_mix": ([], 2 * STEPS),
+    "icg": ([], 2 * STEPS),                           # another class's exact prediction as the "null"
+    "tcfg": ([], 2 * STEPS),
+    "fdg": ([], 2 * STEPS),
+    "mag": ([], 2 * STEPS),
 }
+# Methods that perturb the network itself: the exact mixture has no network, so they have no closed-form meaning
+# there and refuse it in one line (the phrase each refusal holds)
+GMM_REFUSED = {"pag": "network", "seg": "network", "slg": "network", "tsg": "no closed-form meaning"}
 
 
 def test_every_method_has_a_pipeline_case():
-    assert GUIDANCES == sorted(GMM_CASES)
+    assert GUIDANCES == sorted([*GMM_CASES, *GMM_REFUSED])
 
 
-@pytest.mark.parametrize("name", GUIDANCES)
+@pytest.mark.parametrize("name", sorted(GMM_REFUSED))
+def test_network_perturbation_methods_refuse_the_exact_mixture_in_one_line(tmp_path, name):
+    from diffguide.errors import UserError
+
+    cfg = compose_run_config(["model=gmm", f"guidance={name}", "metric=none", "logger=none", f"steps={STEPS}",
+                              "num_samples=2", "precision=fp32"], tmp_path / name)
+    with pytest.raises(UserError, match=GMM_REFUSED[name]) as info:
+        run(cfg)
+    assert "\n" not in str(info.value)
+    assert not list((tmp_path / name).glob("samples/*.png"))
+
+
+@pytest.mark.parametrize("name", sorted(GMM_CASES))
 def test_every_method_runs_on_the_mixture_model(tmp_path, name):
     overrides, nfe = GMM_CASES[name]
     out = tmp_path / name

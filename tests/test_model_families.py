@@ -1,6 +1,7 @@
-"""Every guidance method on both embedded model families, an eps-prediction UNet on DDPM's discrete schedule and a
-flow-matching UNet (velocity output, FlowMatchEuler's time), through `diffguide.run`, with the network evaluations
-its formula costs; and the families' end-to-end commands."""
+"""Every guidance method on the embedded model families, an eps-prediction UNet on DDPM's discrete schedule, a
+flow-matching UNet (velocity output, FlowMatchEuler's time) and the pixel DiT (fmnist_dit's class, self-attention in
+every block), through `diffguide.run`, with the network evaluations its formula costs; and the families' end-to-end
+commands."""
 
 import pytest
 import torch
@@ -8,16 +9,20 @@ import torch
 from diffguide.config import CONF_DIR
 from diffguide.models import unet as unet_lib
 from diffguide.samplers.ddim import DDIM
-from tests.helpers import TINY_UNET
+from tests.helpers import SCHEDULE, TINY_UNET
 
 STEPS = 3
 GUIDANCES = sorted(path.stem for path in (CONF_DIR / "guidance").glob("*.yaml"))
 FLOW_SCHEDULE = {"num_train_timesteps": 1000, "shift": 1.0}
 
 # network evaluations per step (cfg_zero_star: its zero-initialised first step costs nothing)
+# (slg: its default window, diffusers' int(0.01 N) < i < int(0.2 N), holds no step of a 3-step trajectory)
 PER_STEP = {"none": 1, "cfg": 2, "cfgpp": 2, "cfg_rescale": 2, "apg": 2, "adaptive": 2, "autoguidance": 2,
             "classifier": 1, "offshelf": 1, "gfcg": 3, "universal": 2, "cfg_zero_star": 2, "cfg_interval": None,
-            "distilled": 1}
+            "distilled": 1, "pag": 2, "seg": 2, "slg": 1, "icg": 2, "tsg": 2, "apg_mix": 2, "tcfg": 2, "fdg": 2,
+            "mag": 2}
+TINY_DIT = dict(sample_size=28, in_channels=1, out_channels=1, patch_size=4, num_layers=2, num_attention_heads=2,
+                attention_head_dim=8, norm_type="ada_norm_zero")
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +30,20 @@ def tiny_flow_path(tmp_path_factory):
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("models") / "tiny_flow.safetensors"
     unet_lib.save(unet_lib.build(TINY_UNET, 10, FLOW_SCHEDULE, "flow"), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_path(tmp_path_factory):
+    from diffguide.models import dit as dit_lib
+
+    torch.manual_seed(2)
+    model = dit_lib.build(TINY_DIT, 10, SCHEDULE)
+    for p in model.transformer.parameters():  # DiT's zero-initialised gates and output: a network that does something
+        if not p.any():
+            p.data.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("models") / "tiny_dit.safetensors"
+    dit_lib.save(model, path)
     return path
 
 
@@ -53,15 +72,19 @@ def test_the_table_has_every_method():
     assert sorted(PER_STEP) == GUIDANCES
 
 
-@pytest.mark.parametrize("family", ["eps", "flow"])
+@pytest.mark.parametrize("family", ["eps", "flow", "dit"])
 @pytest.mark.parametrize("name", GUIDANCES)
-def test_every_method_runs_on_both_model_families(run_diffguide, tmp_path, tiny_unet_path, tiny_flow_path,
-                                                  tiny_evaluator_path, tiny_noisy_path, name, family):
-    weights = tiny_flow_path if family == "flow" else tiny_unet_path
+def test_every_method_runs_on_every_model_family(run_diffguide, tmp_path, tiny_unet_path, tiny_flow_path,
+                                                 tiny_dit_path, tiny_evaluator_path, tiny_noisy_path, name, family):
+    weights = {"eps": tiny_unet_path, "flow": tiny_flow_path, "dit": tiny_dit_path}[family]
     overrides = [f"model.weights={weights}", f"guidance={name}", f"steps={STEPS}"]
+    if family == "dit":
+        overrides.insert(0, "model=fmnist_dit")
+        if name in ("autoguidance", "gfcg"):  # the weak model: the same tiny DiT, through the DiT loader
+            overrides.append("guidance.weak_model._target_=diffguide.models.dit.load_pixel")
     if name == "distilled":
-        if family == "flow":
-            pytest.skip("guidance distillation (diffguide/distill.py) starts from an eps-prediction teacher")
+        if family != "eps":
+            pytest.skip("guidance distillation (diffguide/distill.py) starts from an eps-prediction UNet teacher")
         from diffguide.models import student as student_lib
 
         student_path = tmp_path / "student.safetensors"
@@ -80,7 +103,13 @@ def test_every_method_runs_on_both_model_families(run_diffguide, tmp_path, tiny_
     if name == "offshelf" and family == "flow":
         overrides.append("sampler=ddpm")  # EluCD's own form (its DDIM form is refused on a flow model's grid)
     result = run_diffguide(tmp_path / name, *overrides)
-    assert result["nfe"] == expected_nfe(name, unet_lib.load(str(weights)))
+    if family == "dit":
+        from diffguide.models import dit as dit_lib
+
+        model = dit_lib.load_pixel(str(weights))
+    else:
+        model = unet_lib.load(str(weights))
+    assert result["nfe"] == expected_nfe(name, model)
     assert result["guidance"] == name
     assert len(list((tmp_path / name / "samples").glob("*.png"))) == 6
 

@@ -42,6 +42,16 @@ def projected_update(x0_cond: torch.Tensor, diff: torch.Tensor, eta: float, norm
     return ((diff64 - parallel) + eta * parallel).to(diff.dtype)
 
 
+def cfg_like(denoiser: Denoiser, x: torch.Tensor, t, labels: torch.Tensor, w: float, rule) -> GuidedPrediction:
+    """One step of a method that reshapes CFG's combination (TCFG, MAG): the conditional model alone at w = 1
+    (1 NFE), else `rule(out_cond, out_uncond, w)` on the network's own outputs of one batched pair (2 NFE)."""
+    if w == 1.0:
+        return GuidedPrediction.of(denoiser.predict(x, t, labels), nfe=1)
+    uncond, cond = denoiser.pair(x, t, labels)
+    out = rule(denoiser.output(cond, x, t), denoiser.output(uncond, x, t), w)
+    return GuidedPrediction.of(denoiser.from_output(out, x, t), nfe=2)
+
+
 def prepare_weak_model(name: str, weak: Denoiser, denoiser: Denoiser) -> None:
     """The weak model must share the main model's noise process and classes; it runs on its device and precision."""
     if not isinstance(weak, Denoiser):
