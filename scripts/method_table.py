@@ -62,7 +62,47 @@ FLOW_GRID: dict[str, list[float | None]] = {
     "cfg_zero_star": [2.0],
     "offshelf": [0.3],
 }
-GRIDS = {"eps": GRID, "flow": FLOW_GRID}
+# The field's methods (README "The field's methods"), on the embedded UNet (`--grid field`, 500 samples per point)
+# and on the embedded transformer (`--grid field_dit ... model=fmnist_dit`): CFG at three scales (the baseline row is
+# the best of them), then each newer method at two scales around its paper's or diffusers' default (the CFG-like
+# ones at and above CFG's best w), the best of the two in the table; every point at seed 0 (paired samples). No
+# search: the CPU's budget. The transformer costs about four times the UNet per sample, so its column takes one
+# scale per method, the better of the UNet's two where the method's scale means the same on both models.
+FIELD_GRID: dict[str, list[float | None]] = {
+    "none": [None],
+    "cfg": [1.25, 1.5, 2.0],
+    "cfg (linear)": [1.5, 2.0],
+    "cfg (cosine)": [1.5, 2.0],
+    "cfg (dynamic threshold)": [2.0, 3.0],
+    "apg_mix": [2.0, 3.0],
+    "tcfg": [1.5, 2.0],
+    "fdg": [2.0, 3.0],
+    "mag": [1.5, 2.0],
+    "icg": [1.5, 2.0],
+    "tsg": [1.5, 2.0],
+    "pag": [1.0, 3.0],
+    "pag + cfg": [0.5, 1.0],
+    "seg": [1.0, 3.0],
+    "slg + cfg": [1.0, 2.8],
+}
+FIELD_DIT_GRID: dict[str, list[float | None]] = {
+    "none": [None],
+    "cfg": [1.25, 1.5, 2.0],
+    "cfg (linear)": [1.5],
+    "cfg (cosine)": [1.5],
+    "cfg (dynamic threshold)": [2.0],
+    "apg_mix": [2.0],
+    "tcfg": [1.5],
+    "fdg": [2.0],
+    "mag": [1.5],
+    "icg": [1.5],
+    "tsg": [1.5],
+    "pag": [1.0],
+    "pag + cfg": [0.5],
+    "seg": [1.0],
+    "slg + cfg": [1.0],
+}
+GRIDS = {"eps": GRID, "flow": FLOW_GRID, "field": FIELD_GRID, "field_dit": FIELD_DIT_GRID}
 
 # The rows the search tunes, with the scale below which the method is no longer itself (exclusive): the CFG family's
 # w = 1 is the conditional model, CFG++'s lambda, the classifier scales and GFCG's w at 0 are no guidance. The other
@@ -82,6 +122,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "classifier (ddpm)": ("classifier", ["sampler=ddpm"]),
     "offshelf (ddpm)": ("offshelf", ["sampler=ddpm"]),
     "gfcg + autoguidance": ("gfcg", ["guidance.base=autoguidance", "guidance.base_scale=2.0"]),
+    # the field's grids: a schedule (same mean strength as the constant w), Imagen's thresholding, and the
+    # compositions the literature uses (PAG on top of CFG; SLG on top of CFG, as SD3.5 does), CFG at w = 1.25
+    "cfg (linear)": ("cfg", ["guidance.schedule=linear"]),
+    "cfg (cosine)": ("cfg", ["guidance.schedule=cosine"]),
+    "cfg (dynamic threshold)": ("cfg", ["sampler.dynamic_threshold=0.995"]),
+    "pag + cfg": ("pag", ["guidance.cfg_scale=1.25"]),
+    "slg + cfg": ("slg", ["guidance.cfg_scale=1.25"]),
+    # FDG's paper guides the high band harder than the low one: the low band at CFG's best w, `scale` the high
+    "fdg": ("fdg", ["guidance.scale_low=1.25"]),
 }
 
 def point_dir(out: Path, name: str, scale) -> Path:

@@ -144,9 +144,9 @@ def test_every_committed_checkpoint_carries_its_digest():
     from safetensors import safe_open
 
     files = sorted((ROOT / "diffguide" / "weights").glob("*.safetensors"))
-    # the five of fmnist_unet and its companions, fmnist_flow, and the four distilled students (stage 1, LoRA, 8 and
-    # 4 steps)
-    assert len(files) == 10
+    # the five of fmnist_unet and its companions, fmnist_flow, the four distilled students (stage 1, LoRA, 8 and
+    # 4 steps) and fmnist_dit
+    assert len(files) == 11
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata()
@@ -234,7 +234,10 @@ def scored_args(tiny_unet_path, tiny_evaluator_path, tmp_path):
                    "num_samples=12", "batch_size=4"]
 
 
-@pytest.mark.parametrize("name, count", [(".png", 5), ("metrics.json", 0), (".npz", 0), ("grid.png", 0)],
+# one write in `make test`, the other three (the same promise at other writes, ~20 s each) in `make test-slow`
+@pytest.mark.parametrize("name, count", [(".png", 5), pytest.param("metrics.json", 0, marks=pytest.mark.slow),
+                                         pytest.param(".npz", 0, marks=pytest.mark.slow),
+                                         pytest.param("grid.png", 0, marks=pytest.mark.slow)],
                          ids=["during a sample write", "during the metrics.json write", "during the cache write",
                               "during the grid write"])
 def test_sigkill_at_any_write_then_resume_leaves_no_temp_file(scored_args, tmp_path, name, count):
@@ -256,7 +259,7 @@ def test_sigkill_at_any_write_then_resume_leaves_no_temp_file(scored_args, tmp_p
     assert result["files_sha256"] == {key: checkpoint.path_digest(path) for key, path in files.items()}
 
 
-@pytest.mark.parametrize("moment", ["sampling", "scoring"])
+@pytest.mark.parametrize("moment", ["sampling", pytest.param("scoring", marks=pytest.mark.slow)])
 def test_ctrl_c_is_one_line_and_exit_130_and_the_run_resumes(scored_args, tmp_path, moment):
     cache, args = scored_args
     out = tmp_path / "run"

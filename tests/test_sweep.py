@@ -73,6 +73,7 @@ def test_results_name_finished_and_failed_points_alike_and_a_finish_clears_the_f
     assert failed["reason"] == "sampling diverged" and failed["overrides"] == ["scale=2.5"]
 
 
+@pytest.mark.slow  # ~20 s: an Optuna search of 4 trials, then its rerun
 def test_a_scale_search_with_optunas_sweeper_minimises_fid_and_resumes(tiny_unet_path, tiny_evaluator_path,
                                                                         fidelity_cache, tmp_path):
     """hydra/sweeper=tune: every trial is an ordinary run folder named by its scale, the sweep's best value is the

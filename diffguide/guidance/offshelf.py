@@ -73,7 +73,8 @@ class OffTheShelfGuidance(Guidance):
         # marginal_temperature is relative to the joint one (EluCD's "t2 = 0.5 t1"); None: the plain softmax.
         self.t2 = self.t1 * (1.0 if marginal_temperature is None else float(marginal_temperature))
         self.through_denoiser, self.path = through_denoiser, path
-        self.schedule, self.gamma, self.conditional_model = schedule, float(gamma), conditional_model
+        # its own key `schedule` (EluCD's constant | elucd_sine), not the CFG weight schedule of base.Guidance.weight
+        self.elucd_schedule, self.gamma, self.conditional_model = schedule, float(gamma), conditional_model
 
     def check(self, denoiser):
         self.check_classes(self.classifier, denoiser)
@@ -84,7 +85,7 @@ class OffTheShelfGuidance(Guidance):
         # model's grid makes about a thousandth of the VP grid's near the data (tau 0.043 -> 0.001): x0 jumps there
         # (FID 134 measured on fmnist_flow). EluCD's own form, the ancestral mean move, has no such division.
         if (isinstance(denoiser.schedule, FlowSchedule) and not sampler.ancestral and self.path == "ddpm"
-                and self.schedule != "constant"):
+                and self.elucd_schedule != "constant"):
             raise UserError(f"guidance=offshelf on a flow model needs sampler=ddpm (EluCD's own form); its "
                             f"{sampler.name} form is ill-conditioned on the flow grid (or set guidance.schedule=constant)")
 
@@ -108,7 +109,7 @@ class OffTheShelfGuidance(Guidance):
 
     def boost(self, t: int) -> float:
         """EluCD's DDPM-path added variance gamma max(Sigma) sin(pi i / N) at timestep t of the trajectory."""
-        if self.schedule == "constant":
+        if self.elucd_schedule == "constant":
             return 0.0
         n, level = len(self._steps), denoiser_level(self._steps, t)
         i = n - 1 - self._steps.index(level)
@@ -117,7 +118,7 @@ class OffTheShelfGuidance(Guidance):
     def edm_strength(self, t: int) -> float:
         """c_k of EluCD's EDM path: linear decay from s plus gamma s sin(pi k / N), k counted from the first step."""
         n, k = len(self._steps), self._steps.index(denoiser_level(self._steps, t))
-        sine = math.sin(math.pi * k / n) * self.scale * self.gamma if self.schedule == "elucd_sine" else 0.0
+        sine = math.sin(math.pi * k / n) * self.scale * self.gamma if self.elucd_schedule == "elucd_sine" else 0.0
         return max(self.scale / (n + 1) * (n + 1 - k), 1e-5) + sine
 
     def __call__(self, denoiser, x, t, labels):
