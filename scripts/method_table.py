@@ -85,22 +85,22 @@ FIELD_GRID: dict[str, list[float | None]] = {
     "seg": [1.0, 3.0],
     "slg + cfg": [1.0, 2.8],
 }
-FIELD_DIT_GRID: dict[str, list[float | None]] = {
+FIELD_DIT_GRID: dict[str, list[float | None]] = {  # the network-perturbation methods first: the column's reason
     "none": [None],
     "cfg": [1.25, 1.5, 2.0],
-    "cfg (linear)": [1.5],
-    "cfg (cosine)": [1.5],
-    "cfg (dynamic threshold)": [2.0],
-    "apg_mix": [2.0],
-    "tcfg": [1.5],
-    "fdg": [2.0],
-    "mag": [1.5],
-    "icg": [1.5],
-    "tsg": [1.5],
     "pag": [1.0],
     "pag + cfg": [0.5],
     "seg": [1.0],
     "slg + cfg": [1.0],
+    "tsg": [1.5],
+    "icg": [1.5],
+    "tcfg": [1.5],
+    "mag": [1.5],
+    "fdg": [2.0],
+    "apg_mix": [2.0],
+    "cfg (linear)": [1.5],
+    "cfg (cosine)": [1.5],
+    "cfg (dynamic threshold)": [2.0],
 }
 GRIDS = {"eps": GRID, "flow": FLOW_GRID, "field": FIELD_GRID, "field_dit": FIELD_DIT_GRID}
 

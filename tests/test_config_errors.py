@@ -20,6 +20,11 @@ WEIGHTS = ROOT / "diffguide" / "weights"
 # (id, args, a phrase the line must hold, exit status, extra environment). OUT stands for the case's own out_dir.
 CASES = [
     ("group option", ["guidance=bogus"], "guidance=bogus is not an option", 2, {}),
+    ("schedule kind", ["guidance.schedule=rising"], "schedule kind 'rising' is not one of constant, linear", 2, {}),
+    ("dynamic threshold", ["sampler.dynamic_threshold=2"], "sampler.dynamic_threshold must be a fraction", 2, {}),
+    ("perturbation on the mixture", ["model=gmm", "guidance=pag", "metric=none"],
+     "model=gmm is an exact Gaussian mixture with no network", 2, {}),
+    ("perturbed block out of range", ["guidance=pag", "guidance.blocks=[5]"], "block 5 is out of range", 2, {}),
     ("group option lists choices", ["sampler=ddmi"], "choose one of: ddim, ddpm, dpmpp_2m", 2, {}),
     ("launcher option", ["hydra/launcher=bogus"], "hydra/launcher=bogus is not an option", 2, {}),
     ("unknown key", ["foo=1"], "foo is not a key", 2, {}),
