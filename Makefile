@@ -3,7 +3,7 @@
 PYTHON ?= $(shell command -v python >/dev/null 2>&1 && echo python || echo python3)
 
 .PHONY: setup data deps test test-slow bench default-run train clean slurm-start slurm-stop method-table distill \
-	distill-table
+	distill-table field-table
 
 setup: data deps
 	@$(PYTHON) -m diffguide.data.fashion_mnist >/dev/null 2>&1 || $(PYTHON) -m diffguide.data.fashion_mnist --download
@@ -51,6 +51,13 @@ distill:
 distill-table:
 	$(PYTHON) scripts/distill_table.py
 	$(PYTHON) scripts/bench_distill.py
+
+# the field's methods (README "The field's methods on both models"): 500 samples per point on the embedded UNet, then
+# on the embedded transformer (about 30 min and 45 min on a 2-core CPU); resumable
+field-table:
+	$(PYTHON) scripts/method_table.py --grid field --out outputs/method_table_field --tune-samples 500 --num-samples 500
+	$(PYTHON) scripts/method_table.py --grid field_dit --out outputs/method_table_dit --tune-samples 500 \
+		--num-samples 500 model=fmnist_dit
 
 test-slow:
 	$(PYTHON) -m pytest -q -m slow
