@@ -90,7 +90,7 @@ FIELD_DIT_GRID: dict[str, list[float | None]] = {  # the network-perturbation me
     "cfg": [1.25, 1.5, 2.0],
     "pag": [1.0],
     "pag + cfg": [0.5],
-    "seg": [1.0],
+    "seg": [3.0],
     "slg + cfg": [1.0],
     "tsg": [1.5],
     "icg": [1.5],
