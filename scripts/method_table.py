@@ -94,10 +94,8 @@ FIELD_DIT_GRID: dict[str, list[float | None]] = {  # the network-perturbation me
     "slg + cfg": [1.0],
     "tsg": [1.5],
     "icg": [1.5],
-    "tcfg": [2.0],
-    "mag": [1.5],
-    # not run in this column yet (the CPU's budget): fdg [2.0], apg_mix [2.0], cfg (linear) / (cosine) [1.5],
-    # cfg (dynamic threshold) [2.0]; they act on the predictions alone, the same on either network
+    # not run in this column yet (the CPU's budget): tcfg [2.0], mag [1.5], fdg [2.0], apg_mix [2.0], cfg (linear)
+    # and (cosine) [1.5], cfg (dynamic threshold) [2.0]: they act on the predictions alone, the same on either network
 }
 GRIDS = {"eps": GRID, "flow": FLOW_GRID, "field": FIELD_GRID, "field_dit": FIELD_DIT_GRID}
 
