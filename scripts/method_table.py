@@ -88,14 +88,15 @@ FIELD_GRID: dict[str, list[float | None]] = {
 FIELD_DIT_GRID: dict[str, list[float | None]] = {  # the network-perturbation methods first: the column's reason
     "none": [None],
     "cfg": [1.25, 1.5, 2.0],
-    "pag": [1.0],
-    "pag + cfg": [0.5],
-    "seg": [3.0],
-    "slg + cfg": [1.0],
-    "tsg": [1.5],
-    "icg": [1.5],
-    # not run in this column yet (the CPU's budget): tcfg [2.0], mag [1.5], fdg [2.0], apg_mix [2.0], cfg (linear)
-    # and (cosine) [1.5], cfg (dynamic threshold) [2.0]: they act on the predictions alone, the same on either network
+    # On this 6-block DiT a perturbed middle block moves eps 5-7x as far as the conditional-unconditional difference
+    # does (at t = 200: identity attention 0.29, uniform attention 0.41, a skipped block 0.39 of norm(eps_c), against
+    # 0.058 for eps_c - eps_u), so the papers' s = 1-3 overshoots: s = 0.1 matches CFG's step at w = 1.25-1.5.
+    "pag": [0.1, 1.0],
+    "seg": [0.1],
+    "slg + cfg": [0.1],
+    "pag + cfg": [0.1, 0.5],
+    # not run in this column yet (the CPU's budget): tsg [1.5], icg [1.5], tcfg [2.0], mag [1.5], fdg [2.0],
+    # apg_mix [2.0], cfg (linear) and (cosine) [1.5], cfg (dynamic threshold) [2.0]
 }
 GRIDS = {"eps": GRID, "flow": FLOW_GRID, "field": FIELD_GRID, "field_dit": FIELD_DIT_GRID}
 
