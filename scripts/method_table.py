@@ -95,8 +95,10 @@ FIELD_DIT_GRID: dict[str, list[float | None]] = {  # the network-perturbation me
     "seg": [0.1],
     "slg + cfg": [0.1],
     "pag + cfg": [0.1, 0.5],
-    # not run in this column yet (the CPU's budget): tsg [1.5], icg [1.5], tcfg [2.0], mag [1.5], fdg [2.0],
-    # apg_mix [2.0], cfg (linear) and (cosine) [1.5], cfg (dynamic threshold) [2.0]
+    "tsg": [1.5],
+    "icg": [1.5],
+    # not run in this column yet (the CPU's budget): tcfg [2.0], mag [1.5], fdg [2.0], apg_mix [2.0], cfg (linear)
+    # and (cosine) [1.5], cfg (dynamic threshold) [2.0]
 }
 GRIDS = {"eps": GRID, "flow": FLOW_GRID, "field": FIELD_GRID, "field_dit": FIELD_DIT_GRID}
 
