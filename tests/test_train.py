@@ -235,7 +235,8 @@ def test_shared_loop_trains_the_classifiers_bit_for_bit_as_the_old_loop(tmp_path
     assert _losses_logged(new_log) == _losses_logged(old_log) and len(new_log) == 2
 
 
-TRAINERS = {"fmnist_unet": train_unet, "fmnist_dit": train_lib.train_dit, "fmnist_unet_weak": train_unet, "fmnist_flow": train_unet,
+TRAINERS = {"fmnist_unet": train_unet, "fmnist_dit": train_lib.train_dit, "fmnist_unet_weak": train_unet,
+            "fmnist_flow": train_unet,
             "fmnist_evaluator": train_evaluator, "fmnist_offshelf": train_evaluator,
             "fmnist_noisy_classifier": train_noisy_classifier, "fmnist_guided_student": train_guided_student,
             "fmnist_guided_student_lora": train_guided_student, "fmnist_progressive": train_progressive}

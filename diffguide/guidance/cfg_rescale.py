@@ -34,5 +34,6 @@ class CFGRescale(Guidance):
 
     def __call__(self, denoiser, x, t, labels):
         uncond, cond = denoiser.pair(x, t, labels)
-        out = rescale(denoiser.output(combine(denoiser, x, t, uncond, cond, self.weight(denoiser, t)), x, t), denoiser.output(cond, x, t), self.phi)
+        guided = combine(denoiser, x, t, uncond, cond, self.weight(denoiser, t))
+        out = rescale(denoiser.output(guided, x, t), denoiser.output(cond, x, t), self.phi)
         return GuidedPrediction.of(denoiser.from_output(out, x, t), nfe=2)

@@ -40,4 +40,5 @@ class CFGPlusPlus(Guidance):
     def __call__(self, denoiser, x, t, labels):
         uncond, cond = denoiser.pair(x, t, labels)
         lam = self.weight(denoiser, t)
-        return GuidedPrediction(x0=combine(denoiser, x, t, uncond, cond, lam).x0, eps=uncond.eps, nfe=2, consistent=False)
+        x0 = combine(denoiser, x, t, uncond, cond, lam).x0
+        return GuidedPrediction(x0=x0, eps=uncond.eps, nfe=2, consistent=False)

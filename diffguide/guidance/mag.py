@@ -67,4 +67,5 @@ class MAG(Guidance):
         self.require_null_class(self.name, denoiser)
 
     def __call__(self, denoiser, x, t, labels):
-        return cfg_like(denoiser, x, t, labels, self.weight(denoiser, t), lambda o_c, o_u, w: mag_output(o_c, o_u, w, self.alpha))
+        return cfg_like(denoiser, x, t, labels, self.weight(denoiser, t),
+                        lambda o_c, o_u, w: mag_output(o_c, o_u, w, self.alpha))
