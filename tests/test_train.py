@@ -15,6 +15,7 @@ from diffguide.distill import train_guided_student, train_progressive
 from diffguide.config import CONF_DIR
 from diffguide.models import unet as unet_lib
 from diffguide.networks import evaluator as evaluator_lib
+from diffguide.ppap import train_ppap
 from diffguide.runtime import resolve_precision
 from diffguide.train import diffusion_loss, flow_loss, train_evaluator, train_noisy_classifier, train_unet
 from tests.helpers import SCHEDULE, TINY_UNET, run_cli, toy_images
@@ -239,7 +240,8 @@ TRAINERS = {"fmnist_unet": train_unet, "fmnist_dit": train_lib.train_dit, "fmnis
             "fmnist_flow": train_unet,
             "fmnist_evaluator": train_evaluator, "fmnist_offshelf": train_evaluator,
             "fmnist_noisy_classifier": train_noisy_classifier, "fmnist_guided_student": train_guided_student,
-            "fmnist_guided_student_lora": train_guided_student, "fmnist_progressive": train_progressive}
+            "fmnist_guided_student_lora": train_guided_student, "fmnist_progressive": train_progressive,
+            "fmnist_ppap": train_ppap}
 
 
 def test_every_train_recipe_names_its_trainer():
