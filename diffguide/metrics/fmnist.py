@@ -62,9 +62,13 @@ class _FashionMNISTImages(torch.utils.data.Dataset):
 class FashionMNISTMetrics(FidelityMetric):
     """Metrics in the feature space of this project's Fashion-MNIST evaluator, against a Fashion-MNIST split."""
 
-    def __init__(self, evaluator: str, reference: str = "test", class_accuracy: bool = True, **kwargs):
+    def __init__(self, evaluator: str, reference: str = "test", class_accuracy: bool = True,
+                 diffusion_classifier: dict | None = None, **kwargs):
         super().__init__(suffix="_fmnist", **kwargs)
         self.evaluator_path, self.reference, self.class_accuracy = evaluator, reference, class_accuracy
+        # null: off; else {model, n_samples, to_keep, seed, batch_size}: class_accuracy_diffusion (see
+        # diffusion_correct_labels), the samples judged by the generator's own network
+        self.diffusion_classifier = diffusion_classifier
 
     def check(self, num_samples):
         if self.reference_file is None and str(self.reference) not in fashion_mnist.SPLITS:
@@ -72,6 +76,8 @@ class FashionMNISTMetrics(FidelityMetric):
                             f"{', '.join(fashion_mnist.SPLITS)}, or the path of an .npz reference batch (ADM format)")
         if not isinstance(self.class_accuracy, bool):
             raise UserError(f"metric.class_accuracy={self.class_accuracy!r}: use true or false")
+        if self.diffusion_classifier is not None:
+            self._diffusion_settings()
         super().check(num_samples)
         evaluator_lib.load(self.evaluator_path)
         if self.reference_file is None:
@@ -97,7 +103,47 @@ class FashionMNISTMetrics(FidelityMetric):
             stats.correct = correct_labels(evaluator_lib.load(self.evaluator_path).to(device), samples_dir, labels,
                                            device)
             scores["class_accuracy"] = float(stats.correct.mean())
+        if self.diffusion_classifier is not None:
+            correct = diffusion_correct_labels(samples_dir, labels, device, **self._diffusion_settings())
+            scores["class_accuracy_diffusion"] = float(correct.mean())
+            from diffguide.command import wilson
+
+            low, high = wilson(int(correct.sum()), len(correct))
+            scores["class_accuracy_diffusion_lo"], scores["class_accuracy_diffusion_hi"] = low, high
         return scores, stats
+
+    def _diffusion_settings(self) -> dict:
+        """metric.diffusion_classifier checked: {model (a Denoiser), n_samples, to_keep, seed, batch_size}."""
+        from diffguide.classifiers import diffusion
+
+        node = self.diffusion_classifier
+        key = "metric.diffusion_classifier"
+        if not hasattr(node, "keys"):
+            raise UserError(f"{key}={node!r}: use null, or a node with model: ${{model}}, n_samples, to_keep")
+        allowed = {"model", "n_samples", "to_keep", "seed", "batch_size"}
+        unknown = sorted(set(node.keys()) - allowed)
+        if unknown:
+            raise UserError(f"{key}.{unknown[0]} is not a key; its keys are: {', '.join(sorted(allowed))}")
+        model = node.get("model")
+        if hasattr(model, "keys") and "_target_" in model:  # a config node not instantiated yet
+            from diffguide.run import _instantiate
+
+            model = self.diffusion_classifier["model"] = _instantiate(model)
+        if not hasattr(model, "predict"):
+            raise UserError(f"{key}.model must be the model (model: ${{model}}), got {type(model).__name__}")
+        settings = {"model": model, "n_samples": list(node.get("n_samples", [50, 500])),
+                    "to_keep": list(node.get("to_keep", [5, 1])), "seed": node.get("seed", 0),
+                    "batch_size": node.get("batch_size", 50)}
+        for name in ("seed", "batch_size"):
+            value = settings[name]
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
+                raise UserError(f"{key}.{name}={value!r}: use a whole number >= {0 if name == 'seed' else 1}")
+        T = diffusion.require_discrete(model)
+        if tuple(model.sample_shape) != (1, 28, 28):
+            raise UserError(f"{key}.model makes {'x'.join(map(str, model.sample_shape))} samples; the metric scores "
+                            f"1x28x28 Fashion-MNIST images")
+        diffusion.check_stages(settings["n_samples"], settings["to_keep"], model.num_classes, T)
+        return settings
 
 
 @torch.no_grad()
@@ -110,5 +156,27 @@ def correct_labels(model, samples_dir: Path, labels: list[int], device, batch_si
         images = np.stack([np.array(Image.open(sample_path(samples_dir, i)).convert("L")) for i in chunk])
         logits = model(torch.from_numpy(images)[:, None].to(device))
         correct.append((logits.argmax(1).cpu() == torch.tensor([labels[i] for i in chunk])).numpy())
+    return np.concatenate(correct)
+
+
+def _read_samples(samples_dir: Path, chunk) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.array(Image.open(sample_path(samples_dir, i)).convert("L")) for i in chunk]))
+
+
+def diffusion_correct_labels(samples_dir: Path, labels: list[int], device, model, n_samples, to_keep, seed: int = 0,
+                             batch_size: int = 50) -> np.ndarray:
+    """For each sample (its PNG, as the evaluator reads it), whether the Diffusion Classifier of `model` (Li et al.
+    2023; diffguide/classifiers/diffusion.py) assigns it to the class it was generated for. Costs, per sample,
+    num_classes * n_samples[0] + sum_i to_keep[i] * (new pairs of stage i + 1) network evaluations."""
+    from diffguide.classifiers import diffusion
+    from diffguide.train import to_model_range
+
+    model = model.to(device).eval()
+    correct = []
+    for start in range(0, len(labels), batch_size):
+        chunk = range(start, min(start + batch_size, len(labels)))
+        x0 = to_model_range(_read_samples(samples_dir, chunk)[:, None]).to(device)
+        found = diffusion.classify(model, x0, n_samples, to_keep, seed=seed, batch=len(chunk) * model.num_classes)
+        correct.append((found.predictions.cpu() == torch.tensor([labels[i] for i in chunk])).numpy())
     return np.concatenate(correct)
 
