@@ -238,3 +238,17 @@ class Denoiser(nn.Module):
 
         return hooks.perturbed([(block, self.self_attention(block)) for block in self.blocks()], perturbation,
                                name=type(self).__name__)
+
+    def label_embeddings(self) -> list[torch.nn.Module]:
+        """The modules that map class labels (batch,) to the network's class embeddings (batch, dim), the null
+        class's row included (null-text inversion optimises that row's output per image: diffguide/inversion.py);
+        [] for a family that declares none (null-text inversion refuses it)."""
+        return []
+
+    def null_embeddings_replaced(self, values):
+        """A context manager within which the rows of the null class in every `label_embeddings()` module's output
+        are `values[k]` (module k's (batch, dim) tensor, one row per image, or (1, dim) for all; may require grad);
+        on exit, also through an exception, the network is as it was (diffguide/models/hooks.py's machinery)."""
+        from diffguide.inversion import null_embeddings_replaced
+
+        return null_embeddings_replaced(self, values)

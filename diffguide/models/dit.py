@@ -42,6 +42,12 @@ class _DiTBlocks:
         conditioning (DiTTransformer2DModel.forward: `self.transformer_blocks[0].norm1.emb(timestep, ...)`)."""
         return [block.norm1.emb.timestep_embedder for block in self.transformer.transformer_blocks]
 
+    def label_embeddings(self):
+        """Every block's own label table, `norm1.emb.class_embedder` (a LabelEmbedding; its last row the null
+        class's): diffusers' DiT keeps one per block (block 0's is also called for the final layer's conditioning)."""
+        return [block.norm1.emb.class_embedder for block in self.transformer.transformer_blocks
+                if isinstance(getattr(getattr(block.norm1, "emb", None), "class_embedder", None), LabelEmbedding)]
+
 
 class LatentDiT(_DiTBlocks, Denoiser):
     def __init__(self, transformer: DiTTransformer2DModel, vae: AutoencoderKL, scheduler_config: dict,

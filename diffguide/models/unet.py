@@ -54,6 +54,14 @@ class UNetDenoiser(Denoiser):
         output the class embedding is added to afterwards: perturbing it leaves the class embedding as it is."""
         return [self.unet.time_embedding]
 
+    def label_embeddings(self):
+        """UNet2DModel's `class_embedding` (an nn.Embedding of num_classes + 1 rows, the last the null class's),
+        whose output is added to the time embedding."""
+        from torch import nn
+
+        embedding = getattr(self.unet, "class_embedding", None)
+        return [embedding] if isinstance(embedding, nn.Embedding) else []
+
 
 def build(unet_config: dict, num_classes: int, scheduler_config: dict, parameterisation: str = "eps") -> UNetDenoiser:
     unet = UNet2DModel(**unet_config, num_class_embeds=num_classes + 1)
