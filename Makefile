@@ -3,7 +3,7 @@
 PYTHON ?= $(shell command -v python >/dev/null 2>&1 && echo python || echo python3)
 
 .PHONY: setup data deps test test-slow bench default-run train clean slurm-start slurm-stop method-table distill \
-	distill-table field-table
+	distill-table field-table classifier-table editor-table
 
 setup: data deps
 	@$(PYTHON) -m diffguide.data.fashion_mnist >/dev/null 2>&1 || $(PYTHON) -m diffguide.data.fashion_mnist --download
@@ -58,6 +58,15 @@ field-table:
 	$(PYTHON) scripts/method_table.py --grid field --out outputs/method_table_field --tune-samples 500 --num-samples 500
 	$(PYTHON) scripts/method_table.py --grid field_dit --out outputs/method_table_dit --tune-samples 500 \
 		--num-samples 500 model=fmnist_dit
+
+# the classifiers compared in classifier guidance (noise-aware, PPAP experts, EluCD), each row's scale tuned by the rule
+classifier-table:
+	$(PYTHON) scripts/method_table.py --grid classifiers --out outputs/method_table_classifiers --tune-samples 500 \
+		--num-samples 500 --extend 1
+
+# the Diffusion Classifier's accuracy, and reconstruction / class edits after DDIM, CFG++ and null-text inversion
+editor-table:
+	PYTHON=$(PYTHON) bash scripts/editor_table.sh outputs/editor_table
 
 test-slow:
 	$(PYTHON) -m pytest -q -m slow

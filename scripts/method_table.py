@@ -100,14 +100,30 @@ FIELD_DIT_GRID: dict[str, list[float | None]] = {  # the network-perturbation me
     # not run in this column yet (the CPU's budget): tcfg [2.0], mag [1.5], fdg [2.0], apg_mix [2.0], cfg (linear)
     # and (cosine) [1.5], cfg (dynamic threshold) [2.0]
 }
-GRIDS = {"eps": GRID, "flow": FLOW_GRID, "field": FIELD_GRID, "field_dit": FIELD_DIT_GRID}
+# The classifiers (README "The model as classifier and as editor"; `--grid classifiers`, 500 samples per point, each
+# row tuned by the rule): classifier guidance of the unconditional model with the noise-aware classifier trained with
+# labels, with the PPAP experts (the off-the-shelf classifier fine-tuned per noise range on the model's own samples,
+# no labels), EluCD's off-the-shelf guidance on the same unconditional model and on the conditional one (its own
+# setting), and the Diffusion Classifier (the generator judging its own x0 estimate) through the same off-the-shelf
+# rule; CFG for the paired baseline.
+CLASSIFIER_GRID: dict[str, list[float | None]] = {
+    "none (unconditional)": [None],
+    "cfg": [1.25, 1.5, 2.0],
+    "classifier": [3.0, 10.0],
+    "classifier (ppap)": [3.0, 10.0],
+    "offshelf (unconditional)": [0.3, 1.0],
+    "offshelf": [0.1, 0.3],
+}
+GRIDS = {"eps": GRID, "flow": FLOW_GRID, "field": FIELD_GRID, "field_dit": FIELD_DIT_GRID,
+         "classifiers": CLASSIFIER_GRID}
 
 # The rows the search tunes, with the scale below which the method is no longer itself (exclusive): the CFG family's
 # w = 1 is the conditional model, CFG++'s lambda, the classifier scales and GFCG's w at 0 are no guidance. The other
 # rows (unguided rows, and variants of a tuned method with other settings) take the best of their grid.
 TUNED: dict[str, float] = {"cfg": 1.0, "cfgpp": 0.0, "cfg_rescale": 1.0, "cfg_interval": 1.0, "apg": 1.0,
                            "adaptive": 1.0, "cfg_zero_star": 1.0, "autoguidance": 1.0, "classifier": 0.0,
-                           "offshelf": 0.0, "gfcg": 0.0, "universal": 0.0}
+                           "offshelf": 0.0, "gfcg": 0.0, "universal": 0.0, "classifier (ppap)": 0.0,
+                           "offshelf (unconditional)": 0.0}
 
 # Rows that are a method with other settings: name -> (guidance, overrides). classifier and universal guide the
 # unconditional model, whose own scores are the baseline they start from; offshelf guides the conditional model, as
@@ -129,6 +145,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "slg + cfg": ("slg", ["guidance.cfg_scale=1.25"]),
     # FDG's paper guides the high band harder than the low one: the low band at CFG's best w, `scale` the high
     "fdg": ("fdg", ["guidance.scale_low=1.25"]),
+    # the classifiers' grid: the PPAP experts in place of the noise-aware classifier (same rule, same base model)
+    "classifier (ppap)": ("classifier", ["classifier=fmnist_ppap"]),
 }
 
 def point_dir(out: Path, name: str, scale) -> Path:
@@ -253,7 +271,7 @@ def main() -> None:
     for name in names:
         # the flow column compares the models at the eps model's scales: its grid is taken as it is
         scale = search(args.out, name, grid[name], args.tune_samples, args.extra, args.extend, args.dry_run,
-                       tune=args.grid == "eps" and name not in args.grid_only.split(","))
+                       tune=args.grid in ("eps", "classifiers") and name not in args.grid_only.split(","))
         if scale is not None or None in grid[name]:
             chosen[name] = scale
     rows = []

@@ -11,6 +11,7 @@ import pytest
 from tests.helpers import ROOT, run_cli
 
 
+@pytest.mark.slow  # make test-slow: the suite's time (the same promise as its siblings in make test)
 def test_two_ranks_write_the_same_images_as_one(tiny_unet_path, tiny_evaluator_path, fidelity_cache, tmp_path):
     args = ["guidance=cfg", "scale=2.0", f"model.weights={tiny_unet_path}", f"metric.evaluator={tiny_evaluator_path}",
             f"metric.cache_root={fidelity_cache}", "logger=none", "steps=3", "num_samples=10", "batch_size=3"]

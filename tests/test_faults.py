@@ -168,6 +168,7 @@ def _wait_for(predicate, seconds=120):
         time.sleep(0.02)
 
 
+@pytest.mark.slow  # make test-slow: the suite's time (the same promise as its siblings in make test)
 def test_a_second_run_on_a_busy_folder_refuses_naming_the_holder(tiny_unet_path, tmp_path):
     out = tmp_path / "run"
     args = [f"model.weights={tiny_unet_path}", "metric=none", "logger=none", "steps=50", "num_samples=5000",

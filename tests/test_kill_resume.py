@@ -13,6 +13,7 @@ import pytest
 from tests.helpers import ROOT, run_cli
 
 
+@pytest.mark.slow  # make test-slow: the suite's time (the same promise as its siblings in make test)
 def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_unet_path, tiny_evaluator_path,
                                                                   fidelity_cache, tmp_path):
     args = ["guidance=cfg", "scale=2.0", f"model.weights={tiny_unet_path}", f"metric.evaluator={tiny_evaluator_path}",
