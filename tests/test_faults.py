@@ -145,8 +145,8 @@ def test_every_committed_checkpoint_carries_its_digest():
 
     files = sorted((ROOT / "diffguide" / "weights").glob("*.safetensors"))
     # the five of fmnist_unet and its companions, fmnist_flow, the four distilled students (stage 1, LoRA, 8 and
-    # 4 steps) and fmnist_dit
-    assert len(files) == 11
+    # 4 steps), fmnist_dit and fmnist_ppap (PPAP's experts)
+    assert len(files) == 12
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata()
