@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
