@@ -18,7 +18,6 @@ Prints one JSON line. Every user error is one line on stderr (`diffguide: error:
 work, and nothing is written then; Ctrl-C is one line and exit 130.
 """
 
-import io
 import json
 import math
 import sys
@@ -34,7 +33,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from diffguide import atomic, checkpoint, cli, command
 from diffguide import inversion as inv
 from diffguide.errors import UserError
+from diffguide.metrics import intervals
 from diffguide.runtime import resolve_device, resolve_precision
+from diffguide.samples import quantize, tile_png, to_uint8
 
 CONFIG_NAME = "edit"
 USAGE = "usage: python -m diffguide.edit [inversion=ddim|cfgpp|null_text] [key=value ...]"
@@ -204,16 +205,13 @@ Z95 = 1.959963984540054
 
 def mean_interval(values) -> dict:
     """Mean with its 95% Student-t interval (None where undefined)."""
-    from scipy import stats
-
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    x = [v for v in values if v is not None and math.isfinite(v)]
     if len(x) == 0:
         return {"mean": None, "lo": None, "hi": None}
-    mean = float(x.mean())
     if len(x) < 2:
-        return {"mean": mean, "lo": None, "hi": None}
-    half = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
-    return {"mean": mean, "lo": mean - half, "hi": mean + half}
+        return {"mean": float(x[0]), "lo": None, "hi": None}
+    mean, low, high = intervals.t_interval(x)
+    return {"mean": mean, "lo": low, "hi": high}
 
 
 def _finite(v: float):
@@ -234,25 +232,12 @@ def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> tuple[list, list]:
     return [_finite(v) for v in psnr.tolist()], [float(v) for v in ssim.reshape(-1).tolist()]
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> uint8, as a saved sample is (the evaluator's input convention: uint8 or floats in [0, 1])."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def grid_png(rows: list[torch.Tensor], count: int) -> bytes:
     """Rows of images (each (N, 1, 28, 28) in [-1, 1]), the first `count` of each, 2-pixel white borders."""
-    from PIL import Image
-
     count = min(count, len(rows[0]))
-    h, w = SIZE
-    grid = np.full((len(rows) * (h + 2) + 2, max(count, 1) * (w + 2) + 2), 255, np.uint8)
-    for r, row in enumerate(rows):
-        pixels = to_uint8(row[:count]).cpu().numpy()[:, 0]
-        for c in range(count):
-            grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = pixels[c]
-    buffer = io.BytesIO()
-    Image.fromarray(grid).save(buffer, format="PNG")
-    return buffer.getvalue()
+    if count < 1:  # grid_size=0: one white column, a tile's place per row
+        return tile_png([np.full((*SIZE, 1), 255, np.uint8)] * len(rows), 1)
+    return tile_png([tile for row in rows for tile in to_uint8(row[:count])], count)
 
 
 # --- the run ----------------------------------------------------------------------------------------------------------
@@ -321,8 +306,8 @@ def run(cfg: DictConfig) -> dict:
     if target is not None:
         edit = torch.cat(edits)
         with torch.no_grad():
-            feats_edit, logits_edit = evaluator.features_and_logits(to_uint8(edit).to(device))
-            feats_rec, _ = evaluator.features_and_logits(to_uint8(rec).to(device))
+            feats_edit, logits_edit = evaluator.features_and_logits(quantize(edit).to(device))
+            feats_rec, _ = evaluator.features_and_logits(quantize(rec).to(device))
         hits = (logits_edit.argmax(1).cpu() == target)
         low, high = command.wilson(int(hits.sum()), len(hits))
         _, ssim_edit = psnr_ssim(edit, source)

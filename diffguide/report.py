@@ -146,11 +146,8 @@ def aggregate(points: list[dict], name: str) -> tuple[float, float, float, float
     if len(values) == 1:
         low, high = points[0].get(f"{key}_lo"), points[0].get(f"{key}_hi")
         return values[0], (math.nan if low is None else low), (math.nan if high is None else high), 0.0
-    from scipy.stats import t
-
-    mean, spread = float(np.mean(values)), float(np.std(values, ddof=1))
-    half = float(t.ppf(0.975, len(values) - 1)) * spread / math.sqrt(len(values))
-    return mean, mean - half, mean + half, spread
+    mean, low, high = intervals.t_interval(values)
+    return mean, low, high, float(np.std(values, ddof=1))
 
 
 def _stats(point: dict) -> intervals.PointStats | None:

@@ -40,10 +40,27 @@ def labels_for(indices: Sequence[int], num_classes: int) -> torch.Tensor:
     return torch.tensor([i % max(num_classes, 1) for i in indices], dtype=torch.long)
 
 
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) in [-1, 1] -> the same layout in uint8, rounding to the nearest level (as a saved sample is)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, rounding to the nearest level."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    return quantize(images).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def tile_png(tiles, cols: int) -> bytes:
+    """Tiles (each H x W x C uint8, C 1 or 3) row-major in `cols` columns with 2-pixel white borders, as a PNG."""
+    h, w, c = tiles[0].shape
+    rows = (len(tiles) + cols - 1) // cols
+    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
+    for k, tile in enumerate(tiles):
+        r, col = divmod(k, cols)
+        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + col * (w + 2):2 + col * (w + 2) + w] = tile
+    buf = io.BytesIO()
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def encode_png(pixels: np.ndarray, meta: dict) -> bytes:
@@ -277,13 +294,6 @@ class SampleStore:
             return None
         cols = int(np.ceil(np.sqrt(count)))
         tiles = [np.array(Image.open(self.path(i)).convert("RGB")) for i in range(count)]
-        h, w, _ = tiles[0].shape
-        grid = np.full((((count + cols - 1) // cols) * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, np.uint8)
-        for k, tile in enumerate(tiles):
-            r, c = divmod(k, cols)
-            grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = tile
-        buf = io.BytesIO()
-        Image.fromarray(grid).save(buf, format="PNG")
         path = self.out_dir / "grid.png"
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, tile_png(tiles, cols))
         return path

@@ -14,6 +14,7 @@ every replicate; the recentring keeps the spread and drops that shift. It is an 
 sample count N; FID-infinity (Chong & Forsyth 2020) says where FID heads as N grows.
 """
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -66,6 +67,16 @@ class PointStats:
 
 #: words after a statistic's name that make another column: its bounds, its spread, FID-infinity
 _NOT_A_SUFFIX = {"lo", "hi", "std", "inf"}
+
+
+def t_interval(values) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of two or more values and its 95% Student-t interval."""
+    from scipy.stats import t
+
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(x.mean())
+    half = float(t.ppf(0.975, len(x) - 1)) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return mean, mean - half, mean + half
 
 
 def is_column(name: str, key: str) -> bool:
