@@ -15,15 +15,22 @@ import sys
 import time
 from pathlib import Path
 
-from diffguide import run as run_lib  # noqa: F401  (its import-time Ctrl-C hook: one line, not a traceback)
+from diffguide.command import interrupt  # noqa: E402  (before the heavy imports below)
+
+interrupt.install()
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from diffguide import atomic, checkpoint, cli, command
+from diffguide.store import atomic
+from diffguide.store import checkpoint
+from diffguide.command import checks
+from diffguide.command import wrapper
 from diffguide.classifiers import diffusion
-from diffguide.errors import UserError
-from diffguide.runtime import resolve_device, resolve_precision
+from diffguide.data import fashion_mnist
+from diffguide.metrics import intervals
+from diffguide.errors import UserError, instantiate
+from diffguide.runtime.device import resolve_device, resolve_precision
 
 CONFIG_NAME = "classify"
 USAGE = "usage: python -m diffguide.classify [model=NAME] [key=value ...]"
@@ -33,7 +40,7 @@ Z95 = 1.959963984540054
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """conf/classify.yaml with the overrides."""
-    return command.compose_config(CONFIG_NAME, overrides)
+    return wrapper.compose_config(CONFIG_NAME, overrides)
 
 
 def _whole(cfg, key: str, least: int, none_ok: bool = False):
@@ -76,7 +83,6 @@ def validate(cfg: DictConfig) -> dict:
             raise UserError("give num_images or indices, not both")
         indices = list(indices)
     settings["indices"] = indices
-    from diffguide.data import fashion_mnist
 
     if settings["split"] not in fashion_mnist.SPLITS:
         raise UserError(f"split={settings['split']!r} is not a Fashion-MNIST split: use one of "
@@ -97,10 +103,8 @@ def load_data(denoiser, settings: dict) -> tuple[torch.Tensor, torch.Tensor, lis
         n = settings["num_images"] or GMM_DEFAULT_IMAGES
         x, y = denoiser.sample_data(n, torch.Generator().manual_seed(settings["seed"]))
         return x, y, None, f"{n} exact draws of the mixture (seed {settings['seed']})"
-    from diffguide.data import fashion_mnist
-    from diffguide.train import to_model_range
 
-    command.require_fashion_mnist_model(denoiser, "classify scores Fashion-MNIST (1x28x28 pixels): use a "
+    fashion_mnist.require_model(denoiser, "classify scores Fashion-MNIST (1x28x28 pixels): use a "
                                                   "Fashion-MNIST model or model=gmm")
     images, labels = fashion_mnist.load(settings["split"])
     if settings["indices"] is not None:
@@ -116,11 +120,11 @@ def load_data(denoiser, settings: dict) -> tuple[torch.Tensor, torch.Tensor, lis
             raise UserError(f"num_images={n}: the {settings['split']} split has {len(images)} images")
         chosen = torch.arange(n)
         what = f"the first {n} images of the {settings['split']} split"
-    return to_model_range(images[chosen]), labels[chosen], list(fashion_mnist.CLASSES), what
+    return fashion_mnist.to_model_range(images[chosen]), labels[chosen], list(fashion_mnist.CLASSES), what
 
 
 def wilson(correct: int, n: int) -> tuple[float, float]:
-    return command.wilson(correct, n)
+    return intervals.wilson(correct, n)
 
 
 def summarise(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> dict:
@@ -190,13 +194,13 @@ def prepare(cfg: DictConfig) -> tuple[dict, object, torch.Tensor, torch.Tensor, 
     settings = validate(cfg)
     device = resolve_device(str(settings["device"]))
     dtype = resolve_precision(str(settings["precision"]))
-    denoiser = run_lib._instantiate(cfg.model).to(device).eval()
+    denoiser = instantiate(cfg.model).to(device).eval()
     denoiser.set_precision(dtype)
     T = diffusion.require_discrete(denoiser)
     diffusion.check_stages(settings["n_samples"], settings["to_keep"], denoiser.num_classes, T)
     images, labels, names, what = load_data(denoiser, settings)
     folder = Path(str(cfg.hydra.run.dir))
-    cli.check_writable(folder, "out_dir" if cfg.out_dir is not None else "the output folder")
+    checks.check_writable(folder, "out_dir" if cfg.out_dir is not None else "the output folder")
     return settings, denoiser, images, labels, names, what, device, folder
 
 
@@ -224,7 +228,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def entry(argv: list[str] | None = None) -> int:
-    return command.entry(argv, CONFIG_NAME, USAGE, "model, split, num_images, indices, n_samples, to_keep, batch_size, seed, device, precision, out_dir", 'is not classified here: use a class-conditional Fashion-MNIST model (fmnist_unet, fmnist_dit) or gmm', run,
+    return wrapper.entry(argv, CONFIG_NAME, USAGE, "model, split, num_images, indices, n_samples, to_keep, batch_size, seed, device, precision, out_dir", 'is not classified here: use a class-conditional Fashion-MNIST model (fmnist_unet, fmnist_dit) or gmm', run,
                          resolved=("model",))
 
 

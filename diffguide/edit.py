@@ -2,7 +2,7 @@
 and edit their class. Config: conf/edit.yaml (the `model` group is the sampler's, `inversion` conf/inversion/).
 
 Each image x (Fashion-MNIST test images by index, or a folder of 28x28 grayscale PNGs) is inverted under its own
-class c with the DDIM grid of `steps` (diffguide/inversion.py: plain DDIM inversion at CFG weight w, CFG++'s at
+class c with the DDIM grid of `steps` (diffguide/editing/inversion.py: plain DDIM inversion at CFG weight w, CFG++'s at
 lambda, or null-text inversion: a w = 1 pivot and per-step optimised null embeddings), then regenerated from the
 inverted noise with the same rule, weight (and null embeddings): the reconstruction. With edit.target=K the same
 noise (and null embeddings) is regenerated under class K instead: the edit. No step clips x0 (clipping is not
@@ -24,18 +24,24 @@ import sys
 import time
 from pathlib import Path
 
-from diffguide import run as run_lib  # noqa: F401  (its import-time Ctrl-C hook: one line, not a traceback)
+from diffguide.command import interrupt  # noqa: E402  (before the heavy imports below)
+
+interrupt.install()
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from diffguide import atomic, checkpoint, cli, command
-from diffguide import inversion as inv
-from diffguide.errors import UserError
+from diffguide.store import atomic
+from diffguide.store import checkpoint
+from diffguide.command import checks
+from diffguide.command import wrapper
+from diffguide.data import fashion_mnist
+from diffguide.editing import inversion as inv
+from diffguide.errors import UserError, instantiate
 from diffguide.metrics import intervals
-from diffguide.runtime import resolve_device, resolve_precision
-from diffguide.samples import quantize, tile_png, to_uint8
+from diffguide.runtime.device import resolve_device, resolve_precision
+from diffguide.store.samples import quantize, tile_png, to_uint8
 
 CONFIG_NAME = "edit"
 USAGE = "usage: python -m diffguide.edit [inversion=ddim|cfgpp|null_text] [key=value ...]"
@@ -46,7 +52,7 @@ SIZE = (28, 28)
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """conf/edit.yaml with the overrides."""
-    return command.compose_config(CONFIG_NAME, overrides)
+    return wrapper.compose_config(CONFIG_NAME, overrides)
 
 
 # --- settings ---------------------------------------------------------------------------------------------------------
@@ -145,7 +151,6 @@ def load_images(s: dict) -> tuple[torch.Tensor, torch.Tensor | None, list]:
     if s["folder"] is not None:
         images, names = read_folder(s["folder"])
         return images, None, names
-    from diffguide.data import fashion_mnist
 
     images, labels = fashion_mnist.load("test")
     bad = [i for i in s["images"] if i >= len(images)]
@@ -157,9 +162,8 @@ def load_images(s: dict) -> tuple[torch.Tensor, torch.Tensor | None, list]:
 
 
 def check_model(denoiser, s: dict) -> None:
-    from diffguide.data import fashion_mnist
 
-    command.require_fashion_mnist_model(denoiser, "edit inverts Fashion-MNIST pixels (1x28x28): use a Fashion-MNIST "
+    fashion_mnist.require_model(denoiser, "edit inverts Fashion-MNIST pixels (1x28x28): use a Fashion-MNIST "
                                                   "model (fmnist_unet, fmnist_dit)")
     if denoiser.null_class is None and (s["inversion"] != "ddim" or s["scale"] != 1.0):
         raise UserError(f"model {type(denoiser).__name__} has no null class: only inversion=ddim at scale=1 works")
@@ -177,13 +181,13 @@ def check_model(denoiser, s: dict) -> None:
 
 def prepare(cfg: DictConfig):
     """Every check before the long work: settings, model, evaluator, data, levels, output folder."""
-    from diffguide.networks import evaluator as evaluator_lib
+    from diffguide.classifiers import evaluator as evaluator_lib
     from diffguide.samplers.ddim import DDIM
 
     s = validate(cfg)
     device = resolve_device(s["device"])
     dtype = resolve_precision(s["precision"])
-    denoiser = run_lib._instantiate(cfg.model).to(device).eval()
+    denoiser = instantiate(cfg.model).to(device).eval()
     denoiser.set_precision(dtype)
     check_model(denoiser, s)
     evaluator = evaluator_lib.load(s["evaluator"]).to(device)
@@ -194,7 +198,7 @@ def prepare(cfg: DictConfig):
         labels = torch.tensor(s["labels"])
     levels = DDIM(s["steps"], spacing=s["spacing"], clip_x0=False).levels(denoiser)
     folder = Path(str(cfg.hydra.run.dir))
-    cli.check_writable(folder, "out_dir" if cfg.out_dir is not None else "the output folder")
+    checks.check_writable(folder, "out_dir" if cfg.out_dir is not None else "the output folder")
     return s, device, denoiser, evaluator, images, labels, sources, levels, folder
 
 
@@ -264,8 +268,6 @@ def _invert_batch(s: dict, denoiser, x0: torch.Tensor, labels: torch.Tensor, lev
 
 def run(cfg: DictConfig) -> dict:
     """Invert, regenerate, edit, score and write; returns what edit.json holds."""
-    from diffguide.data import fashion_mnist
-    from diffguide.train import to_model_range
 
     start = time.perf_counter()
     s, device, denoiser, evaluator, images, labels, sources, levels, folder = prepare(cfg)
@@ -279,7 +281,7 @@ def run(cfg: DictConfig) -> dict:
     recs, edits, nfe, losses_before, losses_after, iterations = [], [], None, [], [], []
     invert_start = time.perf_counter()
     for begin in range(0, len(images), s["batch_size"]):
-        x0 = to_model_range(images[begin:begin + s["batch_size"]]).to(device)
+        x0 = fashion_mnist.to_model_range(images[begin:begin + s["batch_size"]]).to(device)
         y = labels[begin:begin + s["batch_size"]].to(device)
         rec, edit, nfe, record = _invert_batch(s, denoiser, x0, y, levels, target)
         recs.append(rec.cpu())
@@ -291,7 +293,7 @@ def run(cfg: DictConfig) -> dict:
             iterations.append(record.iterations.double())
     wall_invert = time.perf_counter() - invert_start
     rec = torch.cat(recs)
-    source = to_model_range(images)
+    source = fashion_mnist.to_model_range(images)
     psnr, ssim = psnr_ssim(rec, source)
     result = {
         "inversion": s["inversion"], "scale": s["scale"],
@@ -309,7 +311,7 @@ def run(cfg: DictConfig) -> dict:
             feats_edit, logits_edit = evaluator.features_and_logits(quantize(edit).to(device))
             feats_rec, _ = evaluator.features_and_logits(quantize(rec).to(device))
         hits = (logits_edit.argmax(1).cpu() == target)
-        low, high = command.wilson(int(hits.sum()), len(hits))
+        low, high = intervals.wilson(int(hits.sum()), len(hits))
         _, ssim_edit = psnr_ssim(edit, source)
         dist_edit = (feats_edit - feats_src).norm(dim=1).cpu().tolist()
         dist_rec = (feats_rec - feats_src).norm(dim=1).cpu().tolist()
@@ -352,7 +354,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def entry(argv: list[str] | None = None) -> int:
-    return command.entry(argv, CONFIG_NAME, USAGE, ("model, inversion (ddim | cfgpp | null_text: inner_steps, lr, epsilon), images, folder, labels, steps, "
+    return wrapper.entry(argv, CONFIG_NAME, USAGE, ("model, inversion (ddim | cfgpp | null_text: inner_steps, lr, epsilon), images, folder, labels, steps, "
                          "spacing, scale, edit.target, evaluator, batch_size, grid_size, seed, device, precision, out_dir"), 'cannot be inverted here: use a class-conditional Fashion-MNIST model (fmnist_unet, fmnist_dit)', run,
                          resolved=("model", "inversion"))
 

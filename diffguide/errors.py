@@ -3,3 +3,18 @@ class UserError(Exception):
 
     The entrypoints print it as one line and exit non-zero, before any long work starts.
     """
+
+
+def instantiate(node):
+    """hydra.utils.instantiate, with a UserError raised inside a target surfaced as it is (Hydra wraps it)."""
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node)
+    except Exception as exc:
+        cause = exc
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise

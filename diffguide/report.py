@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from diffguide import results
-from diffguide.checkpoint import atomic_write_bytes, atomic_write_text
+from diffguide.store import results
+from diffguide.store.checkpoint import atomic_write_bytes, atomic_write_text
 from diffguide.metrics import intervals
 
 FIXED = ["guidance", "scale", "model", "sampler", "steps", "seed", "status", "reason", "nfe", "num_samples"]

@@ -11,15 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def _interrupted_hook(kind, value, tb, _default=sys.excepthook):
-    """Ctrl-C while the libraries import: one line, not an import traceback (after that, `entry` answers it)."""
-    if issubclass(kind, KeyboardInterrupt):
-        print("interrupted before any work started; nothing was written", file=sys.stderr, flush=True)
-        os._exit(130)
-    _default(kind, value, tb)
+from diffguide.command import interrupt  # noqa: E402  (before the heavy imports below)
 
-
-sys.excepthook = _interrupted_hook
+interrupt.install()
 
 import hydra
 import torch
@@ -27,49 +21,24 @@ from hydra.core.hydra_config import HydraConfig
 from hydra._internal.utils import get_args_parser
 from hydra.errors import HydraException, InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from diffguide import checkpoint, cli, distributed, results
-from diffguide.distributed import Shard
-from diffguide.fingerprint import dependency_files, fingerprint
-from diffguide.generate import generate, noise_levels
+from diffguide.store import checkpoint
+from diffguide.command import checks
+from diffguide.runtime import distributed
+from diffguide.store import results
+from diffguide.runtime.distributed import Shard
+from diffguide.store.fingerprint import dependency_files, fingerprint
+from diffguide.samplers.generate import generate, noise_levels
 from diffguide.logging.base import NoLogger
 from diffguide.metrics import intervals
-from diffguide.config import CONF_DIR, register
-from diffguide.errors import UserError
-from diffguide.runtime import resolve_device, resolve_precision
-from diffguide.samples import SampleStore, labels_for, run_digest
+from diffguide.command.config import CONF_DIR, register, validate
+from diffguide.errors import UserError, instantiate
+from diffguide.runtime.device import resolve_device, resolve_precision
+from diffguide.store.samples import SampleStore, labels_for, run_digest
 
 register()
-SEED_MAX = 2 ** 64 - 1
-
-
-def validate(cfg: DictConfig) -> None:
-    """Range checks the schema's types cannot express; one clear message for the first problem."""
-    for key, lo in (("steps", 1), ("num_samples", 1), ("batch_size", 1), ("seed", 0), ("grid_size", 0)):
-        if cfg[key] < lo:
-            raise UserError(f"{key} must be >= {lo} (got {cfg[key]})")
-    if cfg.scale is not None and not math.isfinite(cfg.scale):
-        raise UserError(f"scale must be a finite number (got {cfg.scale})")
-    resolve_device(cfg.device)
-    if cfg.seed + cfg.num_samples - 1 > SEED_MAX:  # sample i is seeded with seed + i, a 64-bit generator seed
-        raise UserError(f"seed + num_samples - 1 must be <= {SEED_MAX} (2^64 - 1), the largest generator seed "
-                        f"(got seed={cfg.seed}, num_samples={cfg.num_samples})")
-
-
-def _instantiate(node):
-    """hydra.utils.instantiate, with a UserError raised inside a target surfaced as it is (Hydra wraps it)."""
-    try:
-        return instantiate(node)
-    except Exception as exc:
-        cause = exc
-        while cause is not None and not isinstance(cause, UserError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
 
 
 class Progress:
@@ -122,14 +91,14 @@ def _run(cfg: DictConfig, out_dir: Path, name: str, group: str | None, progress:
     # Build and check everything before any long work: a bad config or a missing file fails here, as one line:
     # the libraries' warnings of this phase are shown only once it has passed.
     with warnings.catch_warnings(record=True) as caught:
-        denoiser = _instantiate(cfg.model).to(device)
+        denoiser = instantiate(cfg.model).to(device)
         denoiser.set_precision(dtype)
-        sampler = _instantiate(cfg.sampler)
+        sampler = instantiate(cfg.sampler)
         sampler.check(denoiser)
-        guidance = _instantiate(cfg.guidance)
+        guidance = instantiate(cfg.guidance)
         guidance.check(denoiser)
         sampler.check(denoiser, guidance)
-        metric = _instantiate(cfg.metric)
+        metric = instantiate(cfg.metric)
         metric.check(cfg.num_samples)
         settings, files = fingerprint(cfg)
     for w in caught:
@@ -167,7 +136,7 @@ def _run(cfg: DictConfig, out_dir: Path, name: str, group: str | None, progress:
 
 def _sample_and_score(cfg, out_dir, name, group, shard, device, total_start, denoiser, sampler, guidance, metric,
                       store, file_digests: dict[str, str]) -> dict:
-    logger = _instantiate(cfg.logger) if shard.main else NoLogger()
+    logger = instantiate(cfg.logger) if shard.main else NoLogger()
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if shard.main:
         checkpoint.atomic_write_text(out_dir / "config.resolved.yaml", OmegaConf.to_yaml(resolved))
@@ -215,7 +184,7 @@ def _reason(exc: BaseException, folder: str) -> str | None:
     if isinstance(exc, UserError):
         return str(exc).splitlines()[0]
     if isinstance(exc, (OmegaConfBaseException, InstantiationException)):
-        return cli.describe(exc)  # a value the config gave that the target's constructor refused
+        return checks.describe(exc)  # a value the config gave that the target's constructor refused
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on the device of {folder if exc.filename is None else exc.filename}"
     return None
@@ -286,7 +255,7 @@ def entry(argv: list[str] | None = None) -> int:
     plain = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.config_path
                  or args.config_name or args.config_dir or args.experimental_rerun)
     if plain:
-        problems, folder = cli.precheck(args.overrides, args.multirun)
+        problems, folder = checks.precheck(args.overrides, args.multirun)
         for line in problems:
             print(f"diffguide: error: {line}", file=sys.stderr)
         if problems:
@@ -308,7 +277,7 @@ def entry(argv: list[str] | None = None) -> int:
         if _interrupted(exc):
             print(f"interrupted: {session.progress.kept()}; run the same command to resume", file=sys.stderr)
             return 130
-        reason = _reason(exc, folder or "the output folder") or (cli.describe(exc, args.overrides)
+        reason = _reason(exc, folder or "the output folder") or (checks.describe(exc, args.overrides)
                                                                   if _from_config(exc) else None)
         if reason is None:
             raise
@@ -325,7 +294,7 @@ def entry(argv: list[str] | None = None) -> int:
 
 def _interrupted(exc: BaseException) -> bool:
     """A Ctrl-C, also one that a library wrapped in its own error (Hydra's instantiate does, mid-import)."""
-    return any(isinstance(e, KeyboardInterrupt) for e in cli.causes(exc))
+    return any(isinstance(e, KeyboardInterrupt) for e in checks.causes(exc))
 
 
 def _from_config(exc: BaseException) -> bool:

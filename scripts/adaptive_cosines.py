@@ -10,11 +10,11 @@ import argparse
 
 import torch
 
-from diffguide.checkpoint import asset_path
+from diffguide.store.checkpoint import asset_path
 from diffguide.guidance.cfg import CFG
 from diffguide.models import unet
 from diffguide.samplers.ddim import DDIM
-from diffguide.samples import initial_noise, labels_for
+from diffguide.store.samples import initial_noise, labels_for
 
 
 class Probe(CFG):

@@ -2,7 +2,7 @@
 
     python scripts/bench_distill.py [--steps 20] [--batch 64] [--precision bf16]
 
-Each variant trains --steps steps of `diffguide.distill.train_guided_student` on 4096 Fashion-MNIST training images in
+Each variant trains --steps steps of `diffguide.training.distill.train_guided_student` on 4096 Fashion-MNIST training images in
 a fresh process (so that peak memory is its own); a third process loads the same libraries, data and teacher and
 trains nothing: its peak is subtracted. Printed per variant: parameters (all, trainable, stored in its checkpoint),
 checkpoint bytes, peak resident memory above the idle process, and seconds per training step, in one run.
@@ -22,8 +22,8 @@ def child(variant: str, steps: int, batch: int, precision: str) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from diffguide import distill
-    from diffguide.checkpoint import asset_path
+    from diffguide.training import distill
+    from diffguide.store.checkpoint import asset_path
     from diffguide.data import fashion_mnist
     from diffguide.models import unet as unet_lib
 

@@ -20,9 +20,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffguide.guidance.cfg import CFG
 from diffguide.models.dit import LatentDiT
-from diffguide.runtime import resolve_precision
+from diffguide.runtime.device import resolve_precision
 from diffguide.samplers.ddim import DDIM
-from diffguide.samples import initial_noise, labels_for
+from diffguide.store.samples import initial_noise, labels_for
 
 ARCHS = {  # DiT paper, Table 1: layers, hidden size, heads; patch 2; 256x256 images -> 32x32x4 latents
     "XL": dict(num_layers=28, attention_head_dim=72, num_attention_heads=16),

@@ -17,16 +17,16 @@ import time
 import torch
 from diffusers import DDIMScheduler
 
-from diffguide.checkpoint import asset_path
+from diffguide.store.checkpoint import asset_path
 from diffguide.guidance.cfg import CFG
 from diffguide.guidance.cfgpp import CFGPlusPlus
 from diffguide.guidance.distilled import Distilled
 from diffguide.guidance.none import NoGuidance
 from diffguide.models import student as student_lib
 from diffguide.models import unet as unet_lib
-from diffguide.runtime import resolve_precision
+from diffguide.runtime.device import resolve_precision
 from diffguide.samplers.ddim import DDIM
-from diffguide.samples import initial_noise, labels_for
+from diffguide.store.samples import initial_noise, labels_for
 
 
 def main():

@@ -14,26 +14,9 @@ each CFG weight asked for, so that CFG++ and CFG can be compared at matched effe
 import argparse
 import statistics
 
-
-from diffguide.checkpoint import asset_path
+from diffguide.store.checkpoint import asset_path
 from diffguide.models import unet
-from diffguide.samplers.ddim import DDIM
-
-
-def effective_weights(denoiser, steps: int, lam: float, spacing: str = "trailing") -> list[tuple[int, float]]:
-    """(t, w_t) for every step of DDIM's trajectory; the last step goes to sigma = 0, where w_t = lambda."""
-    timesteps = DDIM(steps, spacing=spacing).timesteps(denoiser)
-    nexts = timesteps[1:] + [-1]
-    return [(t, lam * denoiser.sigma(t) / (denoiser.sigma(t) - denoiser.sigma(n))) for t, n in zip(timesteps, nexts)]
-
-
-def median_weight(denoiser, steps: int, lam: float) -> float:
-    return statistics.median(w for _, w in effective_weights(denoiser, steps, lam))
-
-
-def matching_lambda(denoiser, steps: int, target: float) -> float:
-    """The lambda whose median effective weight is `target` (w_t is linear in lambda)."""
-    return target / median_weight(denoiser, steps, 1.0)
+from diffguide.samplers.effective_scale import effective_weights, matching_lambda
 
 
 def main():

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from diffguide import report
-from diffguide.atomic import atomic_write_text
+from diffguide.store.atomic import atomic_write_text
 
 # The sweep: scales in each method's own convention (see conf/guidance/NAME.yaml), around its paper's defaults.
 GRID: dict[str, list[float | None]] = {

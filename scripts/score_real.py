@@ -11,10 +11,10 @@ import json
 
 import torch
 
-from diffguide.checkpoint import asset_path
+from diffguide.store.checkpoint import asset_path
 from diffguide.data import fashion_mnist
 from diffguide.metrics.fmnist import FashionMNISTMetrics
-from diffguide.samples import SampleStore
+from diffguide.store.samples import SampleStore
 
 
 def main():

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from diffguide.errors import UserError
-from diffguide.networks import evaluator as evaluator_lib
+from diffguide.classifiers import evaluator as evaluator_lib
 
 
 class CleanClassifier(nn.Module):

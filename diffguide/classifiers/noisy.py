@@ -10,7 +10,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D
 from torch import nn
 
-from diffguide import checkpoint
+from diffguide.store import checkpoint
 from diffguide.classifiers.base import Classifier
 from diffguide.models.schedules import DiscreteVP, Level
 

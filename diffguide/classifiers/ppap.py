@@ -2,7 +2,7 @@
 clean-image classifier turned into K noise-aware experts, expert k fine-tuned on the noise levels of its own range
 of timesteps [b_k, b_{k+1}), parameter-efficiently (LoRA adapters on a shared frozen backbone, or only the last
 blocks per expert), by knowledge transfer from the clean classifier on images the diffusion model generated itself
-(no labels; `diffguide/ppap.py` trains them). Classifier guidance (`guidance=classifier classifier=fmnist_ppap`)
+(no labels; `diffguide/training/ppap.py` trains them). Classifier guidance (`guidance=classifier classifier=fmnist_ppap`)
 asks `log_prob(x_t, t)`, which routes to the expert of t's range (the paper's Sec. 4.1: "each expert is
 responsible for a range of timesteps" and guidance uses the expert of the current step).
 
@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffguide import checkpoint
+from diffguide.store import checkpoint
 from diffguide.classifiers.base import Classifier
 from diffguide.classifiers.clean import _relu_to_softplus
 from diffguide.errors import UserError
 from diffguide.models.schedules import DiscreteVP, Level
-from diffguide.networks import evaluator as evaluator_lib
+from diffguide.classifiers import evaluator as evaluator_lib
 
 KIND = "ppap-experts"
 TUNINGS = ("lora", "last", "full")

@@ -67,6 +67,20 @@ def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
             torch.from_numpy(labels.astype(np.int64)))
 
 
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (0..255) -> the models' data range [-1, 1]."""
+    return images.float() / 127.5 - 1
+
+
+def require_model(denoiser, what: str) -> None:
+    """Refuse, in one line, a model that does not make 1x28x28 pixels of Fashion-MNIST's 10 classes."""
+    if tuple(denoiser.sample_shape) != (1, 28, 28) or tuple(denoiser.image_shape) != (1, 28, 28):
+        raise UserError(f"model {type(denoiser).__name__} makes {'x'.join(map(str, denoiser.image_shape))} samples "
+                        f"in a {'x'.join(map(str, denoiser.sample_shape))} space; {what}")
+    if denoiser.num_classes != len(CLASSES):
+        raise UserError(f"the model knows {denoiser.num_classes} classes; Fashion-MNIST has {len(CLASSES)}")
+
+
 def download() -> None:
     import torchvision
 

@@ -21,25 +21,22 @@ Measured with `python scripts/adaptive_cosines.py`.
 import torch
 
 from diffguide.errors import UserError
-from diffguide.guidance.base import Guidance, GuidedPrediction
-from diffguide.guidance.common import combine
+from diffguide.guidance.base import CFGLike, GuidedPrediction
+from diffguide.guidance.combine import combine
 
 
-class AdaptiveGuidance(Guidance):
+class AdaptiveGuidance(CFGLike):
     name = "adaptive"
     revision = 1  # 1: the switch at the step whose cosine first exceeds gamma
 
     def __init__(self, scale: float, gamma: float = 0.99, space: str = "eps"):
-        self.scale = self.check_scale(self.name, scale)
+        super().__init__(scale)
         if not -1.0 <= gamma <= 1.0:
             raise UserError(f"guidance=adaptive: gamma is a cosine similarity in [-1, 1] (got {gamma})")
         if space not in ("eps", "x0"):
             raise UserError(f"guidance=adaptive: space must be eps or x0 (got {space!r})")
         self.gamma, self.space = float(gamma), space
         self._switched_off = None
-
-    def check(self, denoiser):
-        self.require_null_class(self.name, denoiser)
 
     def reset(self, denoiser, labels):
         self._switched_off = torch.zeros(len(labels), dtype=torch.bool, device=labels.device)

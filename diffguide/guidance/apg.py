@@ -23,24 +23,20 @@ schedule: w varies over the trajectory (diffguide/guidance/weights.py; neutral w
 import torch
 
 from diffguide.errors import UserError
-from diffguide.guidance.base import Guidance, GuidedPrediction
-from diffguide.guidance.common import momentum_average, projected_update
+from diffguide.guidance.base import CFGLike, GuidedPrediction
+from diffguide.guidance.projection import momentum_average, projected_update
 
 
-class APG(Guidance):
+class APG(CFGLike):
     name = "apg"
 
     def __init__(self, scale: float, eta: float = 0.0, norm_threshold: float = 1.64, momentum: float = -0.5,
                  schedule=None):
-        self.scale = self.check_scale(self.name, scale)
+        super().__init__(scale, schedule)
         if norm_threshold < 0:
             raise UserError(f"guidance=apg: norm_threshold must be >= 0 (got {norm_threshold}; 0 turns clipping off)")
         self.eta, self.norm_threshold, self.momentum = float(eta), float(norm_threshold), float(momentum)
         self._running = None
-        self.set_schedule(schedule)
-
-    def check(self, denoiser):
-        self.require_null_class(self.name, denoiser)
 
     def reset(self, denoiser, labels):
         self._running = None

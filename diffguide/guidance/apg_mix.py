@@ -36,16 +36,17 @@ trajectory, is what this method does. Defaults of eta, norm_threshold and moment
 """
 
 from diffguide.errors import UserError
-from diffguide.guidance.base import Guidance, GuidedPrediction
-from diffguide.guidance.common import combine, momentum_average, projected_update
+from diffguide.guidance.base import CFGLike, GuidedPrediction
+from diffguide.guidance.combine import combine
+from diffguide.guidance.projection import momentum_average, projected_update
 
 
-class APGMix(Guidance):
+class APGMix(CFGLike):
     name = "apg_mix"
 
     def __init__(self, scale: float, cfg_scale: float | None = None, cfg_steps: int = 6, eta: float = 0.0,
                  norm_threshold: float = 1.64, momentum: float = -0.5, schedule=None):
-        self.scale = self.check_scale(self.name, scale)
+        super().__init__(scale, schedule)
         self.cfg_scale = None if cfg_scale is None else self.check_scale(f"{self.name} cfg_scale", cfg_scale)
         if isinstance(cfg_steps, bool) or not isinstance(cfg_steps, int) or cfg_steps < 0:
             raise UserError(f"guidance=apg_mix: cfg_steps is the number of CFG steps before APG, a whole number "
@@ -55,11 +56,7 @@ class APGMix(Guidance):
                             f"off)")
         self.cfg_steps = cfg_steps
         self.eta, self.norm_threshold, self.momentum = float(eta), float(norm_threshold), float(momentum)
-        self.set_schedule(schedule)
         self._running = None
-
-    def check(self, denoiser):
-        self.require_null_class(self.name, denoiser)
 
     def reset(self, denoiser, labels):
         self._running = None

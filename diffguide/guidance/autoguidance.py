@@ -8,7 +8,8 @@ main model alone). This is not diffusers' AutoGuidance guider, which skips layer
 
 from diffguide.errors import UserError
 from diffguide.guidance.base import Guidance, GuidedPrediction
-from diffguide.guidance.common import combine, prepare_weak_model
+from diffguide.guidance.combine import combine
+from diffguide.guidance.weak_model import prepare_weak_model
 from diffguide.models.denoiser import Denoiser
 
 

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from diffguide.errors import UserError
+from diffguide.guidance import weights
 from diffguide.models.denoiser import Denoiser
 from diffguide.models.parameterisation import Prediction
 from diffguide.models.schedules import Level
@@ -91,8 +92,6 @@ class Guidance:
         """Take the `schedule` key of a CFG-like method's config (None: the constant scale). Every method with a
         CFG-like scale calls this in __init__ (after setting its scale) and reads its scale at a step through
         `weight`. A bad kind or key is refused here, in one line."""
-        from diffguide.guidance import weights
-
         self.schedule = weights.make(self.name, schedule, self.neutral_scale)
 
     def weight(self, denoiser: Denoiser, t) -> float:
@@ -147,3 +146,51 @@ class Guidance:
         if denoiser.null_class is None:
             raise UserError(f"guidance={name} needs a model with a null class (unconditional prediction); "
                             f"this model has none")
+
+
+class CFGLike(Guidance):
+    """What every method with a CFG-like scale shares, written once, as diffusers' BaseGuidance does
+    (guiders/guider_utils.py: `__init__(start, stop, enabled)`; classifier_free_guidance.py `_is_cfg_enabled`):
+    the scale's check (finite, and >= `min_scale` where set), the weight schedule (`schedule`: `weight(denoiser, t)`
+    is the scale at t), the null-class check of `check` (`needs_null_class`: False for methods whose unconditional
+    branch is something else), and the window of the trajectory a term is used in (`set_window`, `active`). A
+    method's own module holds only its rule, its own keys, and any further check (calling super().check)."""
+
+    #: the lowest scale the method accepts (None: any finite scale)
+    min_scale: float | None = None
+    #: the method contrasts the conditional prediction with the null class's
+    needs_null_class = True
+    #: the window of the trajectory (fractions of its steps) where the method's term is used: every step by default
+    start: float = 0.0
+    stop: float = 1.0
+
+    def __init__(self, scale: float, schedule=None):
+        self.scale = self.check_scale(self.name, scale, lo=self.min_scale)
+        self.set_schedule(schedule)
+
+    def check(self, denoiser: Denoiser) -> None:
+        if self.needs_null_class:
+            self.require_null_class(self.name, denoiser)
+
+    def set_window(self, start: float, stop: float) -> None:
+        """Use the method's term at step i of N (the levels given to `begin`) when int(start N) < i < int(stop N),
+        the window of diffusers' guiders (skip_layer_guidance.py `_is_slg_enabled`, whose strict first inequality
+        leaves step 0 out even at start 0, as SD3's pipeline `i > num_inference_steps * skip_layer_guidance_start`
+        does), except that start = 0 includes step 0, so that a term its paper applies at every step does so."""
+        for key, value in (("start", start), ("stop", stop)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise UserError(f"guidance.{key} must be a fraction of the trajectory in [0, 1] (got {value!r})")
+        if not start < 1.0 or not start <= stop:
+            raise UserError(f"guidance={self.name}: needs 0 <= start < 1 and start <= stop <= 1 (got start={start}, "
+                            f"stop={stop})")
+        self.start, self.stop = float(start), float(stop)
+
+    def active(self, denoiser: Denoiser, t) -> bool:
+        """Whether the method's term is used at level t: inside the window (see `set_window`)."""
+        if self.start == 0.0 and self.stop == 1.0:
+            return True
+        if not self.levels:
+            raise ValueError(f"guidance={self.name} with start/stop needs the trajectory: call begin() first")
+        sigma = denoiser.level(t).sigma
+        i, n = sum(level.sigma > sigma for level in self.levels), len(self.levels)  # t's step (a Heun midpoint: next)
+        return (self.start == 0.0 or int(self.start * n) < i) and i < int(self.stop * n)

@@ -15,23 +15,22 @@ evaluation, the conditional (unconditional) prediction alone, so schedule=interv
 """
 
 from diffguide.errors import UserError
-from diffguide.guidance.base import Guidance, GuidedPrediction
-from diffguide.guidance.common import combine
+from diffguide.guidance.base import CFGLike, GuidedPrediction
+from diffguide.guidance.combine import combine
 
 
-class CFG(Guidance):
+class CFG(CFGLike):
     name = "cfg"
 
     def __init__(self, scale: float, channels: int | None = None, schedule=None):
-        self.scale = self.check_scale(self.name, scale)
+        super().__init__(scale, schedule)
         if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
             raise UserError(f"guidance.channels must be a whole number >= 1, or null for all channels "
                             f"(got {channels!r})")
         self.channels = channels
-        self.set_schedule(schedule)
 
     def check(self, denoiser):
-        self.require_null_class(self.name, denoiser)
+        super().check(denoiser)
         if self.channels is not None and self.channels > denoiser.sample_shape[0]:
             raise UserError(f"guidance.channels={self.channels} exceeds the model's {denoiser.sample_shape[0]} "
                             f"channels: choose 1..{denoiser.sample_shape[0]}, or null for all of them")

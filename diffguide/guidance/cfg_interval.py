@@ -11,20 +11,19 @@ ImageNet-512 settings (Kynkaanniemi et al. 2024, Table 1):
 """
 
 from diffguide.errors import UserError
-from diffguide.guidance.base import Guidance, GuidedPrediction
-from diffguide.guidance.common import combine
+from diffguide.guidance.base import CFGLike, GuidedPrediction
+from diffguide.guidance.combine import combine
+from diffguide.guidance.weights import PRESETS
 
 
-#: (sigma_lo, sigma_hi] of the paper's Table 1, by model
-PRESETS = {"edm2_xxl": (0.19, 1.61), "edm2_s": (0.28, 2.90)}
 
 
-class CFGInterval(Guidance):
+class CFGInterval(CFGLike):
     name = "cfg_interval"
 
     def __init__(self, scale: float, interval: str = "edm2_xxl", sigma_lo: float | None = None,
                  sigma_hi: float | None = None):
-        self.scale = self.check_scale(self.name, scale)
+        super().__init__(scale)
         if interval not in PRESETS:
             raise UserError(f"guidance=cfg_interval: interval {interval!r} is not one of {', '.join(PRESETS)}")
         self.interval = interval
@@ -33,9 +32,6 @@ class CFGInterval(Guidance):
         if not 0.0 <= sigma_lo < sigma_hi:
             raise UserError(f"guidance=cfg_interval needs 0 <= sigma_lo < sigma_hi (got {sigma_lo}, {sigma_hi})")
         self.sigma_lo, self.sigma_hi = float(sigma_lo), float(sigma_hi)
-
-    def check(self, denoiser):
-        self.require_null_class(self.name, denoiser)
 
     def inside(self, denoiser, t: int) -> bool:
         return self.sigma_lo < denoiser.sigma(t) <= self.sigma_hi

@@ -9,8 +9,8 @@ phi = 0.7. schedule: w varies over the trajectory (diffguide/guidance/weights.py
 import math
 
 from diffguide.errors import UserError
-from diffguide.guidance.base import Guidance, GuidedPrediction
-from diffguide.guidance.common import combine
+from diffguide.guidance.base import CFGLike, GuidedPrediction
+from diffguide.guidance.combine import combine
 
 
 def rescale(guided, conditional, phi: float):
@@ -19,18 +19,14 @@ def rescale(guided, conditional, phi: float):
     return phi * rescaled + (1 - phi) * guided
 
 
-class CFGRescale(Guidance):
+class CFGRescale(CFGLike):
     name = "cfg_rescale"
 
     def __init__(self, scale: float, phi: float = 0.7, schedule=None):
-        self.scale = self.check_scale(self.name, scale)
+        super().__init__(scale, schedule)
         if not (isinstance(phi, (int, float)) and math.isfinite(phi) and 0.0 <= phi <= 1.0):
             raise UserError(f"guidance=cfg_rescale: phi must lie in [0, 1] (got {phi})")
         self.phi = float(phi)
-        self.set_schedule(schedule)
-
-    def check(self, denoiser):
-        self.require_null_class(self.name, denoiser)
 
     def __call__(self, denoiser, x, t, labels):
         uncond, cond = denoiser.pair(x, t, labels)

@@ -20,7 +20,7 @@ unaffected (they evaluate nothing).
 import torch
 
 from diffguide.errors import UserError
-from diffguide.guidance.base import Guidance, GuidedPrediction
+from diffguide.guidance.base import CFGLike, GuidedPrediction
 
 
 def optimised_scale(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, tiny: float = 1e-8) -> torch.Tensor:
@@ -29,20 +29,16 @@ def optimised_scale(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, tiny: floa
     return s.view(-1, *[1] * (eps_cond.ndim - 1)).to(eps_cond.dtype)
 
 
-class CFGZeroStar(Guidance):
+class CFGZeroStar(CFGLike):
     name = "cfg_zero_star"
     revision = 1  # 1: zero-init as a zero flow velocity
 
     def __init__(self, scale: float, zero_init_steps: int = 1, schedule=None):
-        self.scale = self.check_scale(self.name, scale)
+        super().__init__(scale, schedule)
         if zero_init_steps < 0:
             raise UserError(f"guidance=cfg_zero_star: zero_init_steps must be >= 0 (got {zero_init_steps})")
         self.zero_init_steps = int(zero_init_steps)
         self._calls = 0
-        self.set_schedule(schedule)
-
-    def check(self, denoiser):
-        self.require_null_class(self.name, denoiser)
 
     def reset(self, denoiser, labels):
         self._calls = 0

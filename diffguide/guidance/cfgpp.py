@@ -14,28 +14,26 @@ the unconditional model, where f = 0); its mean lambda over the trajectory is la
 
 import warnings
 
-from diffguide.guidance.base import Guidance, GuidedPrediction
-from diffguide.guidance.common import combine
+from diffguide.guidance.base import CFGLike, GuidedPrediction
+from diffguide.guidance.combine import combine
 
 
-class CFGPlusPlus(Guidance):
+class CFGPlusPlus(CFGLike):
     name = "cfgpp"
+    #: lambda >= 0 (0: the unconditional model)
+    min_scale = 0.0
     #: lambda = 0 is the unconditional model, no guidance: a schedule scales lambda itself
     neutral_scale = 0.0
 
     def __init__(self, scale: float, schedule=None):
-        self.scale = self.check_scale(self.name, scale, lo=0.0)
+        super().__init__(scale, schedule)
         if self.scale > 1.0:
             warnings.warn(f"cfgpp scale (lambda) {self.scale} is outside the paper's range [0, 1]; "
                           f"it extrapolates beyond the conditional manifold step", stacklevel=2)
-        self.set_schedule(schedule)
 
     #: the samplers CFG++ has a form for (its official code and ComfyUI: DDIM, Euler, Euler-a, DPM++ 2S-a, DPM++ 2M;
     #: DDPM is DDIM at eta = 1 with the same re-noising); Heun and the SDE solver have none
     samplers = ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2s_a", "euler", "euler_a")
-
-    def check(self, denoiser):
-        self.require_null_class(self.name, denoiser)
 
     def __call__(self, denoiser, x, t, labels):
         uncond, cond = denoiser.pair(x, t, labels)

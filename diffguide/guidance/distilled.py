@@ -3,14 +3,16 @@ predicts the guided eps in one evaluation per step (diffguide/models/student.py)
 convention (1: the conditional model; Meng et al.'s w is this minus one)."""
 
 from diffguide.errors import UserError
-from diffguide.guidance.base import Guidance, GuidedPrediction
+from diffguide.guidance.base import CFGLike, GuidedPrediction
 
 
-class Distilled(Guidance):
+class Distilled(CFGLike):
     name = "distilled"
+    #: the student takes the scale as an input: no unconditional prediction
+    needs_null_class = False
 
     def __init__(self, scale: float):
-        self.scale = self.check_scale(self.name, scale)
+        super().__init__(scale)
 
     def check(self, denoiser):
         if not getattr(denoiser, "guidance_input", False):

@@ -8,7 +8,7 @@ A two-level Laplacian pyramid splits each prediction into a high band L_0 = G_0 
 the second line because the pyramid is linear and collapse(L_0, L_1) = L_0 + up(L_1) gives the image back exactly.
 The code uses the second line (one low-pass of d, not two pyramids); it is the same rule to rounding. Scales in
 CFG's convention (1: the conditional model in that band); w_high = w_low = w is CFG at w. The rule is linear in the
-predictions, so it is the same on eps, x0, v or a velocity; it runs on the network's own output as common.combine.
+predictions, so it is the same on eps, x0, v or a velocity; it runs on the network's own output as combine.combine.
 
 scale = w_high (the high-frequency band: detail; the paper raises it above the CFG scale), scale_low = w_low (the
 low-frequency band: global structure and colour, where a high scale costs diversity and saturates; the paper keeps
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from diffguide.errors import UserError
-from diffguide.guidance.base import Guidance, GuidedPrediction
+from diffguide.guidance.base import CFGLike, GuidedPrediction
 
 #: kornia's _get_pyramid_gaussian_kernel: the 5x5 binomial kernel, the outer product of [1 4 6 4 1] / 16 with itself
 _BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
@@ -108,7 +108,7 @@ def _band_scale(value) -> float:
     return float(value)
 
 
-class FDG(Guidance):
+class FDG(CFGLike):
     name = "fdg"
 
     #: the smallest side the pyramid takes: each blurred image (the padded image and the doubled low band) needs a
@@ -116,12 +116,11 @@ class FDG(Guidance):
     MIN_SIDE = 3
 
     def __init__(self, scale: float, scale_low: float = 2.0, schedule=None):
-        self.scale = self.check_scale(self.name, scale)
+        super().__init__(scale, schedule)
         self.scale_low = _band_scale(scale_low)
-        self.set_schedule(schedule)
 
     def check(self, denoiser):
-        self.require_null_class(self.name, denoiser)
+        super().check(denoiser)
         shape = tuple(denoiser.sample_shape)
         if len(shape) != 3 or min(shape[1:]) < self.MIN_SIDE:
             raise UserError(f"guidance=fdg splits images into frequency bands (a Laplacian pyramid) and needs samples "

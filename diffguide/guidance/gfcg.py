@@ -27,7 +27,8 @@ import torch
 from diffguide.classifiers.clean import CleanClassifier
 from diffguide.errors import UserError
 from diffguide.guidance.base import Guidance, GuidedPrediction
-from diffguide.guidance.common import combine, prepare_weak_model
+from diffguide.guidance.combine import combine
+from diffguide.guidance.weak_model import prepare_weak_model
 from diffguide.models.denoiser import Denoiser
 
 BASES = ("none", "cfg", "autoguidance")

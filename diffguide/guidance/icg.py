@@ -32,8 +32,8 @@ convention (1: the conditional model); `schedule` as for cfg (diffguide/guidance
 import torch
 
 from diffguide.errors import UserError
-from diffguide.guidance.base import Guidance, GuidedPrediction
-from diffguide.guidance.common import combine
+from diffguide.guidance.base import CFGLike, GuidedPrediction
+from diffguide.guidance.combine import combine
 
 
 def random_classes(z: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -42,12 +42,13 @@ def random_classes(z: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.clamp((u * num_classes).floor().long(), 0, num_classes - 1)
 
 
-class ICG(Guidance):
+class ICG(CFGLike):
     name = "icg"
+    #: the unconditional branch is a random other class, not the null class
+    needs_null_class = False
 
     def __init__(self, scale: float, schedule=None):
-        self.scale = self.check_scale(self.name, scale)
-        self.set_schedule(schedule)
+        super().__init__(scale, schedule)
 
     def check(self, denoiser):
         if (denoiser.num_classes or 0) < 2 or getattr(denoiser, "conditional", True) is False:

@@ -28,8 +28,8 @@ import math
 import torch
 
 from diffguide.errors import UserError
-from diffguide.guidance.base import Guidance
-from diffguide.guidance.common import cfg_like
+from diffguide.guidance.base import CFGLike
+from diffguide.guidance.combine import cfg_like
 
 
 def magnitude_ratio(out_cond: torch.Tensor, out_uncond: torch.Tensor) -> torch.Tensor:
@@ -53,18 +53,14 @@ def mag_output(out_cond: torch.Tensor, out_uncond: torch.Tensor, scale, alpha: f
     return out_uncond + mag_scale(out_cond, out_uncond, scale, alpha) * (out_cond - out_uncond)
 
 
-class MAG(Guidance):
+class MAG(CFGLike):
     name = "mag"
 
     def __init__(self, scale: float, alpha: float = 8.0, schedule=None):
-        self.scale = self.check_scale(self.name, scale)
+        super().__init__(scale, schedule)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
             raise UserError(f"guidance=mag: alpha must be a finite number >= 0 (0: plain CFG; got {alpha!r})")
         self.alpha = float(alpha)
-        self.set_schedule(schedule)
-
-    def check(self, denoiser):
-        self.require_null_class(self.name, denoiser)
 
     def __call__(self, denoiser, x, t, labels):
         return cfg_like(denoiser, x, t, labels, self.weight(denoiser, t),

@@ -21,15 +21,15 @@ diffusers' PerturbedAttentionGuidance (guiders/perturbed_attention_guidance.py, 
                   pred_cond_skip), the official code's form: s' = s + 1.
 Its perturbed_guidance_start / stop (defaults 0.01 / 0.2, SLG's) are `start` / `stop` here, defaulting to the
 whole trajectory as the paper and diffusers' PAG pipelines apply PAG at every step (the window rule:
-common.PerturbationGuidance).
+perturbation.PerturbationGuidance).
 
 Defaults (conf/guidance/pag.yaml): s = 3.0 (diffusers' PAG pipelines' pag_scale; the paper's Stable Diffusion
-setting; the official ADM scripts' g = 4.0); blocks = the model's middle block (common.default_blocks: the UNet's
+setting; the official ADM scripts' g = 4.0); blocks = the model's middle block (perturbation.default_blocks: the UNet's
 mid-block attention, as the paper and diffusers' StableDiffusionPAGPipeline ("mid") use on Stable Diffusion; a DiT's
 block len // 2). The official ADM runs perturb four layers (input_blocks.14.1, 16.1, 17.1, middle_block.1).
 """
 
-from diffguide.guidance.common import PerturbationGuidance
+from diffguide.guidance.perturbation import PerturbationGuidance
 
 
 class PAG(PerturbationGuidance):

@@ -24,13 +24,13 @@ hooks/smoothed_energy_guidance_utils.py, has its finite and infinite branches sw
 Defaults (conf/guidance/seg.yaml): s = 3.0 (SEG-SDXL's README: "We generally fix this parameter to 3.0"; diffusers'
 guider defaults to 2.8); blur_sigma = inf (diffusers' seg_blur_sigma default 9999999, above its infinity
 threshold; the README's example uses 100); blocks = the model's middle block (SEG-SDXL's seg_applied_layers=['mid'];
-common.default_blocks).
+perturbation.default_blocks).
 """
 
 import math
 
 from diffguide.errors import UserError
-from diffguide.guidance.common import SEG_INFINITE_BLUR, PerturbationGuidance
+from diffguide.guidance.perturbation import SEG_INFINITE_BLUR, PerturbationGuidance
 
 
 class SEG(PerturbationGuidance):

@@ -13,7 +13,7 @@ The window: SD3.5 applies the skip term only on steps between skip_layer_guidanc
 trajectory (diffusers' StableDiffusion3Pipeline: `i > num_inference_steps * skip_layer_guidance_start and i <
 num_inference_steps * skip_layer_guidance_stop`); `start` / `stop` here, with the rule of diffusers'
 SkipLayerGuidance (`_is_slg_enabled`: int(start N) < i < int(stop N); start = 0 includes step 0, see
-common.PerturbationGuidance). It is a key of its own, not the weight schedule's: SD3.5 defines it on step counts,
+perturbation.PerturbationGuidance). It is a key of its own, not the weight schedule's: SD3.5 defines it on step counts,
 not noise levels, and outside it the skip forward is not run at all (a schedule shapes s where it is run).
 
 diffusers' SkipLayerGuidance (guiders/skip_layer_guidance.py, `forward`) gives the same D with
@@ -24,11 +24,11 @@ diffusers' SkipLayerGuidance (guiders/skip_layer_guidance.py, `forward`) gives t
 
 Defaults (conf/guidance/slg.yaml): s = 2.8, start = 0.01, stop = 0.2 (Stability AI's recommendation for SD3.5 Medium,
 the defaults of diffusers' SkipLayerGuidance and StableDiffusion3Pipeline); blocks = the model's middle block
-(common.default_blocks; SD3.5 Medium skips its blocks 7, 8, 9 of 24); no CFG term by default, so that SLG is
+(perturbation.default_blocks; SD3.5 Medium skips its blocks 7, 8, 9 of 24); no CFG term by default, so that SLG is
 compared on its own (SD3.5 always adds it to CFG: set guidance.cfg_scale).
 """
 
-from diffguide.guidance.common import PerturbationGuidance
+from diffguide.guidance.perturbation import PerturbationGuidance
 
 
 class SLG(PerturbationGuidance):

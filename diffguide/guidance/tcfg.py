@@ -27,8 +27,8 @@ schedule: w varies over the trajectory (diffguide/guidance/weights.py; neutral w
 
 import torch
 
-from diffguide.guidance.base import Guidance
-from diffguide.guidance.common import cfg_like
+from diffguide.guidance.base import CFGLike
+from diffguide.guidance.combine import cfg_like
 
 
 def tangential_damping(out_cond: torch.Tensor, out_uncond: torch.Tensor) -> torch.Tensor:
@@ -47,15 +47,11 @@ def tcfg_output(out_cond: torch.Tensor, out_uncond: torch.Tensor, scale) -> torc
     return damped + scale * (out_cond - damped)
 
 
-class TCFG(Guidance):
+class TCFG(CFGLike):
     name = "tcfg"
 
     def __init__(self, scale: float, schedule=None):
-        self.scale = self.check_scale(self.name, scale)
-        self.set_schedule(schedule)
-
-    def check(self, denoiser):
-        self.require_null_class(self.name, denoiser)
+        super().__init__(scale, schedule)
 
     def __call__(self, denoiser, x, t, labels):
         return cfg_like(denoiser, x, t, labels, self.weight(denoiser, t), lambda o_c, o_u, w: tcfg_output(o_c, o_u, w))

@@ -36,8 +36,8 @@ import math
 import torch
 
 from diffguide.errors import UserError
-from diffguide.guidance.base import Guidance, GuidedPrediction
-from diffguide.guidance.common import combine
+from diffguide.guidance.base import CFGLike, GuidedPrediction
+from diffguide.guidance.combine import combine
 from diffguide.models.parameterisation import Prediction
 from diffguide.models.schedules import FlowSchedule
 
@@ -67,17 +67,18 @@ class EmbeddingNoise:
         return self.n[:, :width]
 
 
-class TSG(Guidance):
+class TSG(CFGLike):
     name = "tsg"
+    #: the unconditional branch is the network with a perturbed time embedding, not the null class
+    needs_null_class = False
 
     def __init__(self, scale: float, noise_scale: float = 1.0, alpha: float = 0.0, schedule=None):
-        self.scale = self.check_scale(self.name, scale)
+        super().__init__(scale, schedule)
         for key, value in (("noise_scale", noise_scale), ("alpha", alpha)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0:
                 raise UserError(f"guidance=tsg: {key} must be a finite number >= 0 (got {value!r})")
         self.noise_scale, self.alpha = float(noise_scale), float(alpha)
-        self.set_schedule(schedule)
 
     def check(self, denoiser):
         from diffguide.models.gmm import GaussianMixture
@@ -86,7 +87,7 @@ class TSG(Guidance):
             raise UserError("guidance=tsg perturbs the network's timestep embedding, and model=gmm is an exact "
                             "Gaussian mixture with no network: the method has no closed-form meaning there; use a "
                             "network model (model=fmnist_unet, fmnist_dit, dit_xl_2_256 or ddpm_cifar10)")
-        if not denoiser.time_embeddings():
+        if not denoiser.parts().time_embeddings:
             raise UserError(f"guidance=tsg perturbs the network's timestep embedding; model "
                             f"{type(denoiser).__name__} declares none (model=fmnist_unet, fmnist_dit, dit_xl_2_256 "
                             f"and ddpm_cifar10 do)")
@@ -122,7 +123,7 @@ class TSG(Guidance):
             return GuidedPrediction.of(denoiser.predict(x, t, condition), nfe=1)
         batch = x.shape[0]
         both = None if condition is None else torch.cat([condition, condition])
-        with hooks.outputs_perturbed(denoiser.time_embeddings(), self.perturbation(denoiser, t, batch),
+        with hooks.outputs_perturbed(denoiser.parts().time_embeddings, self.perturbation(denoiser, t, batch),
                                      name=type(denoiser).__name__, what="guidance=tsg"):
             pred = denoiser.predict(torch.cat([x, x]), t, both)
         cond = Prediction(pred.x0[:batch], pred.eps[:batch])

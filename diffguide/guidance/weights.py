@@ -37,7 +37,7 @@ midpoint) gets the fractional index interpolated linearly in the VP noise std no
 the two levels around it; one at the next level (Heun's second evaluation) is that level's.
 
 interval is the guidance interval of Kynkaenniemi et al. 2024 as a schedule (guidance=cfg_interval's rule and
-presets, diffguide/guidance/cfg_interval.py PRESETS): w_t = scale where sigma_lo < sigma_t <= sigma_hi, neutral
+presets, PRESETS below): w_t = scale where sigma_lo < sigma_t <= sigma_hi, neutral
 elsewhere (for CFG: the conditional model, one evaluation), by noise level, not step.
 
 Config (a method's `schedule` key): null or `constant` (the constant scale), a kind (`linear`, `cosine`,
@@ -51,6 +51,10 @@ from collections.abc import Mapping
 from typing import Callable
 
 from diffguide.errors import UserError
+
+#: the guidance interval's (sigma_lo, sigma_hi] of Kynkaenniemi et al. 2024, Table 1, by model (guidance=cfg_interval's
+#: presets too)
+PRESETS = {"edm2_xxl": (0.19, 1.61), "edm2_s": (0.28, 2.90)}
 
 KINDS = ("constant", "linear", "cosine", "clamp_linear", "clamp_cosine", "interval")
 
@@ -174,8 +178,6 @@ def make(name: str, schedule, neutral: float = 1.0) -> WeightSchedule | None:
                             f"guide (got {floor:g})")
         return ProgressSchedule(kind, neutral, floor)
     # interval: the presets and the check of guidance=cfg_interval
-    from diffguide.guidance.cfg_interval import PRESETS
-
     preset = options.get("interval") or "edm2_xxl"
     if preset not in PRESETS:
         raise UserError(f"guidance={name}: schedule interval {preset!r} is not one of {', '.join(PRESETS)}")

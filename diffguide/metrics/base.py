@@ -26,11 +26,11 @@ from torch_fidelity.registry import DATASETS_REGISTRY
 from torch_fidelity.utils import (create_feature_extractor, extract_featuresdict_from_input_id,
                                   resolve_feature_layer_for_metric)
 
-from diffguide import atomic
+from diffguide.store import atomic
 from diffguide.errors import UserError
 from diffguide.metrics import intervals
 from diffguide.metrics.reference import FeatureCache, ReferenceFile
-from diffguide.samples import sample_path
+from diffguide.store.samples import sample_path
 
 _RENAME = {"frechet_inception_distance": "fid", "inception_score_mean": "isc", "inception_score_std": "isc_std",
            "kernel_inception_distance_mean": "kid", "kernel_inception_distance_std": "kid_std",

@@ -10,12 +10,12 @@ from PIL import Image
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import DATASETS_REGISTRY, FEATURE_EXTRACTORS_REGISTRY
 
-from diffguide import checkpoint
+from diffguide.store import checkpoint
 from diffguide.data import fashion_mnist
 from diffguide.errors import UserError
 from diffguide.metrics.base import FidelityMetric
-from diffguide.networks import evaluator as evaluator_lib
-from diffguide.samples import sample_path
+from diffguide.classifiers import evaluator as evaluator_lib
+from diffguide.store.samples import sample_path
 
 
 class EvaluatorFeatures(FeatureExtractorBase):
@@ -106,7 +106,7 @@ class FashionMNISTMetrics(FidelityMetric):
         if self.diffusion_classifier is not None:
             correct = diffusion_correct_labels(samples_dir, labels, device, **self._diffusion_settings())
             scores["class_accuracy_diffusion"] = float(correct.mean())
-            from diffguide.command import wilson
+            from diffguide.metrics.intervals import wilson
 
             low, high = wilson(int(correct.sum()), len(correct))
             scores["class_accuracy_diffusion_lo"], scores["class_accuracy_diffusion_hi"] = low, high
@@ -126,9 +126,9 @@ class FashionMNISTMetrics(FidelityMetric):
             raise UserError(f"{key}.{unknown[0]} is not a key; its keys are: {', '.join(sorted(allowed))}")
         model = node.get("model")
         if hasattr(model, "keys") and "_target_" in model:  # a config node not instantiated yet
-            from diffguide.run import _instantiate
+            from diffguide.errors import instantiate
 
-            model = self.diffusion_classifier["model"] = _instantiate(model)
+            model = self.diffusion_classifier["model"] = instantiate(model)
         if not hasattr(model, "predict"):
             raise UserError(f"{key}.model must be the model (model: ${{model}}), got {type(model).__name__}")
         settings = {"model": model, "n_samples": list(node.get("n_samples", [50, 500])),
@@ -169,7 +169,7 @@ def diffusion_correct_labels(samples_dir: Path, labels: list[int], device, model
     2023; diffguide/classifiers/diffusion.py) assigns it to the class it was generated for. Costs, per sample,
     num_classes * n_samples[0] + sum_i to_keep[i] * (new pairs of stage i + 1) network evaluations."""
     from diffguide.classifiers import diffusion
-    from diffguide.train import to_model_range
+    from diffguide.data.fashion_mnist import to_model_range
 
     model = model.to(device).eval()
     correct = []

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffguide import atomic
+from diffguide.store import atomic
 
 LEVEL = 0.95
 NAMES = ("fid", "kid", "isc", "precision", "recall", "class_accuracy")
@@ -312,3 +312,14 @@ def fid_infinity(features: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray
             fids.append((((mu1 - mu2) ** 2).sum(1) + trace1 + trace2 - 2 * covmean).numpy())
         out += [extrapolate(sizes, row)[0] for row in np.stack(fids, 1)]
     return np.array(out)
+
+
+def wilson(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval of a proportion correct / n (95% for z = 1.96); NaN for n = 0."""
+    if n == 0:
+        return math.nan, math.nan
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)

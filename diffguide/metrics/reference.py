@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffguide import atomic
+from diffguide.store import atomic
 from diffguide.errors import UserError
 
 

@@ -11,16 +11,22 @@ from diffguide.models.schedules import DiscreteVP, Level, Schedule
 
 
 class Denoiser(nn.Module):
-    """A model family behind one interface: `predict(x, t, labels)` gives the common prediction (x0 and eps) at a
-    noise level, whatever the network outputs and whatever its time.
+    """A model family behind one interface. Two ways in, each the only one:
+
+    - `predict(x, t, labels)`: the common prediction (x0 and eps together) at a noise level, whatever the network
+      outputs and whatever its time: what samplers and guidance methods use (`pair` and `predict_many` batch
+      several conditions into one forward of it; `output` / `from_output` convert a prediction to the network's own
+      quantity and back, for methods that combine on it).
+    - `raw_output(x, t, labels)`: the network's raw output at per-row model times, variance channels included, the
+      input unscaled: what a training loss sees.
 
     `t` is a `Level` (diffguide/models/schedules.py: the sampler's and the guidance's noise-level axis) or the model's
     own time (a discrete model's timestep, a flow model's tau, an EDM model's sigma), which `level` maps to its Level.
     The family's `schedule` maps time to level and gives each sampler its grid; its `parameterisation` converts the
-    network's output (eps, v, x0, EDM's F, a flow velocity) to the prediction and back. Subclasses implement
-    `_output` for one batch of network times; this class owns the conversions and the batching of several
-    conditions into one forward pass. Labels are int64 class indices; `null_class` is the label of the unconditional
-    model (None for an unconditional network).
+    network's output (eps, v, x0, EDM's F, a flow velocity) to the prediction and back. A family implements
+    `_output` (one batch at network times) and declares its hookable parts in `parts()` (diffguide/models/hooks.py).
+    Labels are int64 class indices; `null_class` is the label of the unconditional model (None for an unconditional
+    network).
 
     A network that also predicts its variance (improved DDPM's `learned_range`, as DiT does) sets `learned_variance`
     and outputs its variance channels after the prediction's; `predict` returns the prediction. While a
@@ -97,8 +103,8 @@ class Denoiser(nn.Module):
         parameterisation, followed by the variance channels where `learned_variance`."""
         raise NotImplementedError
 
-    def network_output(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """The public batched forward (training, tests): the network's raw output at per-row model times t (batch,),
+    def raw_output(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The network's raw output (training, tests) at per-row model times t (batch,),
         under this model's precision; variance channels included. The network input x is in the model's
         coordinates (the parameterisation's input scaling is the caller's, as a training loss sees it)."""
         with self.autocast(x.device.type):
@@ -108,7 +114,7 @@ class Denoiser(nn.Module):
         """The precision context of the networks: autocast in `autocast_dtype`, or plain float32."""
         return torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
-    def network(self, x: torch.Tensor, level: Level, labels: torch.Tensor | None) -> torch.Tensor:
+    def _output_at(self, x: torch.Tensor, level: Level, labels: torch.Tensor | None) -> torch.Tensor:
         """The network's output in its parameterisation at one level (float32), variance channels split off (and
         recorded while a sampler captures them)."""
         time = torch.full((x.shape[0],), level.t, device=x.device,
@@ -126,11 +132,7 @@ class Denoiser(nn.Module):
     def predict(self, x: torch.Tensor, t, labels: torch.Tensor | None) -> Prediction:
         """The common prediction (x0, eps) at level t under the condition `labels`."""
         level = self.level(t)
-        return self.parameterisation.prediction(self.network(x, level, labels), x, level)
-
-    def forward(self, x: torch.Tensor, t, labels: torch.Tensor | None) -> torch.Tensor:
-        """eps at level t (`predict(...).eps`)."""
-        return self.predict(x, t, labels).eps
+        return self.parameterisation.prediction(self._output_at(x, level, labels), x, level)
 
     def output(self, pred: Prediction, x: torch.Tensor, t) -> torch.Tensor:
         """The network's own quantity (eps, v, x0, F, velocity) of a prediction."""
@@ -175,10 +177,6 @@ class Denoiser(nn.Module):
         uncond, cond = self.predict_many(x, t, [self.null_labels(labels), labels])
         return uncond, cond
 
-    def eps_many(self, x: torch.Tensor, t, label_sets: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-        """eps for the same x under several conditions, in one forward pass."""
-        return [pred.eps for pred in self.predict_many(x, t, label_sets)]
-
     def condition(self, labels: torch.Tensor, conditional: bool) -> torch.Tensor | None:
         """The labels to predict with: the class labels, or the null class (None for an unconditional network)."""
         if conditional and self.num_classes:
@@ -213,42 +211,12 @@ class Denoiser(nn.Module):
         """EDM's noise level of level t (sqrt((1 - a_t) / a_t) for a VP timestep)."""
         return self.level(t).sigma
 
-    # -- network hooks (appended below) --
+    # -- the parts of the network that hooks act on --
 
-    def blocks(self) -> list[torch.nn.Module]:
-        """The network's blocks a guidance method may perturb (`Perturbation.blocks` indexes this list), in forward
-        order; [] for a family that declares none (see diffguide/models/hooks.py)."""
-        return []
+    def parts(self) -> "hooks.Parts":  # noqa: F821 (imported where used: hooks imports diffusers)
+        """The hookable parts of the network (diffguide/models/hooks.py's `Parts`: blocks and their self-attention,
+        time embeddings, label embeddings), declared by each family; none by default. Every hook (perturbed blocks,
+        perturbed time embeddings, replaced null embeddings) takes them from here."""
+        from diffguide.models.hooks import Parts
 
-    def self_attention(self, block: torch.nn.Module) -> torch.nn.Module | None:
-        """The self-attention layer (a diffusers Attention) of one of `blocks()`, or None where it has none."""
-        return None
-
-    def time_embeddings(self) -> list[torch.nn.Module]:
-        """The modules whose outputs are the network's timestep embedding (TSG perturbs them: hooks.outputs_perturbed),
-        the time path only, never a class or label embedding; [] for a family that declares none (TSG refuses it).
-        Each returns a (batch, dim) tensor per forward; a module may be called more than once in one forward."""
-        return []
-
-    def perturbed(self, perturbation):
-        """A context manager within which this model's forwards run its network perturbed as `perturbation`
-        (a hooks.Perturbation) says; on exit the network is as it was. Raises, at the call, a one-line UserError
-        when the model declares no blocks or a block index is out of range."""
-        from diffguide.models import hooks
-
-        return hooks.perturbed([(block, self.self_attention(block)) for block in self.blocks()], perturbation,
-                               name=type(self).__name__)
-
-    def label_embeddings(self) -> list[torch.nn.Module]:
-        """The modules that map class labels (batch,) to the network's class embeddings (batch, dim), the null
-        class's row included (null-text inversion optimises that row's output per image: diffguide/inversion.py);
-        [] for a family that declares none (null-text inversion refuses it)."""
-        return []
-
-    def null_embeddings_replaced(self, values):
-        """A context manager within which the rows of the null class in every `label_embeddings()` module's output
-        are `values[k]` (module k's (batch, dim) tensor, one row per image, or (1, dim) for all; may require grad);
-        on exit, also through an exception, the network is as it was (diffguide/models/hooks.py's machinery)."""
-        from diffguide.inversion import null_embeddings_replaced
-
-        return null_embeddings_replaced(self, values)
+        return Parts()

@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 
-from diffguide import checkpoint
+from diffguide.store import checkpoint
 from diffguide.models import hub
 from diffguide.models.denoiser import Denoiser
 
@@ -26,27 +26,24 @@ KIND = "dit-denoiser"
 class _DiTBlocks:
     """The perturbable modules of a DiTTransformer2DModel (`self.transformer`), shared by latent and pixel DiTs."""
 
-    def blocks(self):
-        """DiT's transformer blocks (diffusers BasicTransformerBlock), in forward order."""
-        return list(self.transformer.transformer_blocks)
+    def parts(self):
+        """blocks: DiT's transformer blocks (diffusers BasicTransformerBlock) in forward order, each with its `attn1`.
+        time_embeddings: the timestep path of each block's conditioning, `norm1.emb.timestep_embedder` (a
+        TimestepEmbedding) of every block's CombinedTimestepLabelEmbeddings, whose output the label embedding is added
+        to afterwards (`conditioning = timesteps_emb + class_labels`), so perturbing it leaves the label embedding as
+        it is. diffusers' DiT keeps one such embedder per block where facebookresearch/DiT has one shared
+        `t_embedder` (the converted weights are the same in every block); block 0's is also called for the final
+        layer's conditioning (DiTTransformer2DModel.forward: `self.transformer_blocks[0].norm1.emb(timestep, ...)`).
+        label_embeddings: every block's own label table, `norm1.emb.class_embedder` (a LabelEmbedding; its last row
+        the null class's), one per block likewise."""
+        from diffguide.models.hooks import Parts
 
-    def self_attention(self, block):
-        return block.attn1
-
-    def time_embeddings(self):
-        """The timestep path of each block's conditioning: `norm1.emb.timestep_embedder` (a TimestepEmbedding) of
-        every block's CombinedTimestepLabelEmbeddings, whose output the label embedding is added to afterwards
-        (`conditioning = timesteps_emb + class_labels`), so perturbing it leaves the label embedding as it is.
-        diffusers' DiT keeps one such embedder per block where facebookresearch/DiT has one shared `t_embedder`
-        (the converted weights are the same in every block); block 0's is also called for the final layer's
-        conditioning (DiTTransformer2DModel.forward: `self.transformer_blocks[0].norm1.emb(timestep, ...)`)."""
-        return [block.norm1.emb.timestep_embedder for block in self.transformer.transformer_blocks]
-
-    def label_embeddings(self):
-        """Every block's own label table, `norm1.emb.class_embedder` (a LabelEmbedding; its last row the null
-        class's): diffusers' DiT keeps one per block (block 0's is also called for the final layer's conditioning)."""
-        return [block.norm1.emb.class_embedder for block in self.transformer.transformer_blocks
-                if isinstance(getattr(getattr(block.norm1, "emb", None), "class_embedder", None), LabelEmbedding)]
+        blocks = list(self.transformer.transformer_blocks)
+        return Parts(blocks=blocks, attention=[block.attn1 for block in blocks],
+                     time_embeddings=[block.norm1.emb.timestep_embedder for block in blocks],
+                     label_embeddings=[block.norm1.emb.class_embedder for block in blocks
+                                       if isinstance(getattr(getattr(block.norm1, "emb", None), "class_embedder",
+                                                             None), LabelEmbedding)])
 
 
 class LatentDiT(_DiTBlocks, Denoiser):

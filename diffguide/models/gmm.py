@@ -85,7 +85,7 @@ class GaussianMixture(Denoiser):
         mix = lambda per_class: torch.einsum("bk,bk...->b...", weights, per_class)  # noqa: E731
         return Prediction(mix(x0_per_class), mix(eps_per_class))
 
-    def network(self, x, level, labels):
+    def _output_at(self, x, level, labels):
         """The exact prediction as the parameterisation's network output (computed in float64, returned in x's
         dtype, as a network would be)."""
         exact = self.exact(x, level, labels)
@@ -108,8 +108,8 @@ class DistilledMixture(GaussianMixture):
 
     def predict_guided(self, x, t, labels, w) -> Prediction:
         level = self.level(t)
-        out_u = self.network(x, level, self.null_labels(labels))
-        out_c = self.network(x, level, labels)
+        out_u = self._output_at(x, level, self.null_labels(labels))
+        out_c = self._output_at(x, level, labels)
         w = torch.as_tensor(w, dtype=out_u.dtype, device=out_u.device)
         w = w.view(-1, *([1] * (out_u.dim() - 1))) if w.dim() else w  # a scale per row, or one for all
         return self.parameterisation.prediction(out_u + w * (out_c - out_u), x, level)

@@ -1,9 +1,12 @@
 """Perturbed forwards of a model's own network, for guidance methods that contrast the network with a weakened
 copy of itself, without knowing the model family.
 
-A model family declares its perturbable modules (`Denoiser.blocks()` and `Denoiser.self_attention(block)`); a
-guidance method declares what to do to them (`Perturbation`) and runs its extra forward inside
-`model.perturbed(perturbation)`. Three kinds, those of diffusers' guiders:
+A model family declares the parts of its network that hooks may act on (`Denoiser.parts()`: a `Parts` of its
+blocks, each block's self-attention, its time embeddings and its label embeddings); every hook lives here. A guidance
+method declares what to do to the blocks (`Perturbation`) and runs its extra forward inside
+`network_perturbed(model, perturbation)`; TSG perturbs the time embeddings' outputs (`outputs_perturbed`); null-text
+inversion replaces the null class's rows of the label embeddings (`null_embeddings_replaced`). Text conditioning
+declares its encoders' parts the same way. Three perturbation kinds, those of diffusers' guiders:
 
 - attention_identity (PAG, Ahn et al. 2024, "Self-Rectifying Diffusion Sampling with Perturbed-Attention
   Guidance"): the self-attention map of the chosen blocks is the identity, so the attention's output is its value
@@ -22,7 +25,7 @@ processor and the hook registry (none, where it had none) it had before. Paramet
 import itertools
 import math
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
@@ -60,6 +63,30 @@ class Perturbation:
         if self.kind == "attention_blur" and not float(self.blur_sigma) > 0:
             raise UserError(f"attention_blur needs blur_sigma > 0 (inf: uniform attention); got {self.blur_sigma}")
         object.__setattr__(self, "blur_sigma", float(self.blur_sigma))
+
+
+@dataclass
+class Parts:
+    """What a model family declares to the hooks (`Denoiser.parts()`); empty lists where it has none of a kind.
+
+    blocks: the blocks a perturbation may act on (`Perturbation.blocks` indexes this list), in forward order.
+    attention: each block's self-attention layer (a diffusers Attention), or None where it has none.
+    time_embeddings: the modules whose outputs are the timestep embedding, (batch, dim) per call: the time path only,
+        never a class or label embedding (TSG perturbs them; a module may be called more than once in a forward).
+    label_embeddings: the modules mapping class labels (batch,) to class embeddings (batch, dim), the null class's
+        row included (null-text inversion replaces that row's output per image).
+    """
+
+    blocks: list[nn.Module] = field(default_factory=list)
+    attention: list[nn.Module | None] = field(default_factory=list)
+    time_embeddings: list[nn.Module] = field(default_factory=list)
+    label_embeddings: list[nn.Module] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.attention:
+            self.attention = [None] * len(self.blocks)
+        if len(self.attention) != len(self.blocks):
+            raise ValueError(f"{len(self.blocks)} blocks but {len(self.attention)} attention entries")
 
 
 def self_attention_layers(*parts: nn.Module | None) -> list[nn.Module]:
@@ -183,6 +210,14 @@ def perturbed(modules: Sequence[tuple[nn.Module, nn.Module | None]], perturbatio
     return _installed(pairs, f"diffguide_{perturbation.kind}_{next(_names)}")
 
 
+def network_perturbed(model, perturbation: Perturbation) -> AbstractContextManager[None]:
+    """`perturbed` on the blocks `model.parts()` declares: within the context, the model's forwards run its network
+    perturbed as `perturbation` says; on exit the network is as it was. Raises, at the call, a one-line UserError
+    when the model declares no blocks or a block index is out of range."""
+    parts = model.parts()
+    return perturbed(list(zip(parts.blocks, parts.attention)), perturbation, name=type(model).__name__)
+
+
 @contextmanager
 def _installed(pairs: list[tuple[nn.Module, ModelHook]], hook_name: str) -> Iterator[None]:
     installed = []
@@ -221,3 +256,58 @@ def outputs_perturbed(modules: Sequence[nn.Module], perturb, name: str = "networ
         raise UserError(f"{what} needs the network's modules to perturb; model {name} declares none")
     pairs = [(module, OutputHook(perturb)) for module in modules]
     return _installed(pairs, f"diffguide_output_{next(_names)}")
+
+
+# --- The null class's embedding replaced (null-text inversion) -------------------------------------------------------
+
+
+class NullEmbeddingHook(ModelHook):
+    """Replaces, in the output of a label-embedding module (labels (batch,) -> (batch, dim)), the rows of the null
+    class by `value` ((n, dim): one row per null row of the call, in order; or (1, dim): the same for all). The
+    labels are read in pre_forward (the module's first argument, or its `labels`/`class_labels` keyword)."""
+
+    def __init__(self, value: torch.Tensor, null_class: int):
+        super().__init__()
+        self.value, self.null_class = value, null_class
+        self._labels = None
+
+    def pre_forward(self, module, *args, **kwargs):
+        labels = args[0] if args else kwargs.get("labels", kwargs.get("class_labels"))
+        self._labels = labels
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        labels, self._labels = self._labels, None
+        if labels is None or not torch.is_tensor(output):
+            return output
+        mask = labels.reshape(-1) == self.null_class
+        n = int(mask.sum())
+        if n == 0:
+            return output
+        value = self.value
+        if value.shape[0] == 1:
+            value = value.expand(n, *value.shape[1:])
+        elif value.shape[0] != n:
+            raise ValueError(f"null-embedding override: this forward has {n} null-class rows, but {value.shape[0]} "
+                             f"embeddings were given (one per image, or one for all)")
+        out = output.clone()
+        out[mask] = value.to(device=out.device, dtype=out.dtype)
+        return out
+
+
+def null_embeddings_replaced(denoiser, values: Sequence[torch.Tensor]):
+    """A context manager within which the null-class rows of every label-embedding module of `denoiser`
+    (`parts().label_embeddings`, in order) are replaced by `values[k]` (module k's (batch, dim) or (1, dim) tensor;
+    may require grad). On exit, even through an exception, every module has the forward and the hook registry it had
+    before; parameters are never touched."""
+    modules = denoiser.parts().label_embeddings
+    if not modules:
+        raise UserError(f"model {type(denoiser).__name__} has no label embedding to replace the null class's "
+                        f"(null-text inversion needs one: the UNet and DiT families have it)")
+    if denoiser.null_class is None:
+        raise UserError(f"model {type(denoiser).__name__} has no null class")
+    values = list(values)
+    if len(values) != len(modules):
+        raise ValueError(f"{len(values)} null embeddings given for {len(modules)} label-embedding modules")
+    pairs = [(module, NullEmbeddingHook(value, denoiser.null_class)) for module, value in zip(modules, values)]
+    return _installed(pairs, f"diffguide_null_embedding_{next(_names)}")

@@ -1,6 +1,6 @@
 """Guidance-distilled students (Meng et al. 2023, "On Distillation of Guided Diffusion Models"): a class-conditional
 UNet with a guidance-scale input that predicts, in one network evaluation, what the teacher's classifier-free
-guidance predicts in two. Trained by diffguide/distill.py; sampled with `guidance=distilled` (the scale goes to the
+guidance predicts in two. Trained by diffguide/training/distill.py; sampled with `guidance=distilled` (the scale goes to the
 network, not to a combination of two predictions).
 
 Scale convention: diffguide's w (1 is the conditional model, as in cfg); Meng et al.'s w is this w minus one (their
@@ -25,7 +25,7 @@ import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from diffguide import checkpoint
+from diffguide.store import checkpoint
 from diffguide.errors import UserError
 from diffguide.models import unet as unet_lib
 from diffguide.models.parameterisation import Prediction
@@ -107,7 +107,7 @@ class GuidedStudent(unet_lib.UNetDenoiser):
         """The network's output (eps) at per-row model times t for guidance scale(s) w: the batched forward of
         training."""
         with self._at_scale(w, x.device):
-            return self.network_output(x, t, labels)
+            return self.raw_output(x, t, labels)
 
     def predict_guided(self, x: torch.Tensor, t, labels: torch.Tensor, w) -> Prediction:
         """The student's guided prediction at level t: one network evaluation."""

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from diffusers import DDPMScheduler, UNet2DModel
 
-from diffguide import checkpoint
+from diffguide.store import checkpoint
 from diffguide.errors import UserError
 from diffguide.models.denoiser import Denoiser
 from diffguide.models.schedules import FlowSchedule
@@ -38,29 +38,21 @@ class UNetDenoiser(Denoiser):
     def _output(self, x, t, labels):
         return self.unet(x, t, class_labels=labels).sample
 
-    def blocks(self):
-        """The UNet's self-attention layers (diffusers Attention in its down, mid and up blocks, in forward order);
-        each is its own block (its self_attention; skipping it returns its input). fmnist_unet has one, in its
-        mid block."""
-        from diffguide.models.hooks import self_attention_layers
-
-        return self_attention_layers(self.unet.down_blocks, self.unet.mid_block, self.unet.up_blocks)
-
-    def self_attention(self, block):
-        return block
-
-    def time_embeddings(self):
-        """UNet2DModel's `time_embedding` (TimestepEmbedding: the MLP on the sinusoidal projection of t), whose
-        output the class embedding is added to afterwards: perturbing it leaves the class embedding as it is."""
-        return [self.unet.time_embedding]
-
-    def label_embeddings(self):
-        """UNet2DModel's `class_embedding` (an nn.Embedding of num_classes + 1 rows, the last the null class's),
-        whose output is added to the time embedding."""
+    def parts(self):
+        """blocks: the UNet's self-attention layers (diffusers Attention in its down, mid and up blocks, in forward
+        order), each its own block and its own self-attention (skipping it returns its input); fmnist_unet has one,
+        in its mid block. time_embeddings: UNet2DModel's `time_embedding` (TimestepEmbedding: the MLP on the
+        sinusoidal projection of t), whose output the class embedding is added to afterwards, so perturbing it
+        leaves the class embedding as it is. label_embeddings: its `class_embedding` (an nn.Embedding of
+        num_classes + 1 rows, the last the null class's)."""
         from torch import nn
 
+        from diffguide.models.hooks import Parts, self_attention_layers
+
+        blocks = self_attention_layers(self.unet.down_blocks, self.unet.mid_block, self.unet.up_blocks)
         embedding = getattr(self.unet, "class_embedding", None)
-        return [embedding] if isinstance(embedding, nn.Embedding) else []
+        return Parts(blocks=blocks, attention=list(blocks), time_embeddings=[self.unet.time_embedding],
+                     label_embeddings=[embedding] if isinstance(embedding, nn.Embedding) else [])
 
 
 def build(unet_config: dict, num_classes: int, scheduler_config: dict, parameterisation: str = "eps") -> UNetDenoiser:
@@ -113,9 +105,12 @@ class PretrainedUNet(Denoiser):
         out = self.unet(x, t, class_labels=labels if self.conditional else None).sample
         return out[:, :x.shape[1]]  # learned-variance channels, when present, are not used by these samplers
 
-    # the same UNet2DModel layout
-    blocks, self_attention, time_embeddings = (UNetDenoiser.blocks, UNetDenoiser.self_attention,
-                                               UNetDenoiser.time_embeddings)
+    def parts(self):
+        """The same UNet2DModel layout as UNetDenoiser's, less the label embeddings (its classes only label samples:
+        no null class to replace)."""
+        parts = UNetDenoiser.parts(self)
+        parts.label_embeddings = []
+        return parts
 
 
 def load_pretrained(source: str, num_classes: int = 10, revision: str | None = None,

@@ -13,7 +13,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from diffguide.atomic import DiskFull, atomic_write_text
+from diffguide.store.atomic import DiskFull, atomic_write_text
 
 METRICS = "metrics.json"
 FAILED = "failed.json"

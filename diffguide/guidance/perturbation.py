@@ -1,71 +1,15 @@
-"""What several guidance methods share, so that no method imports another: the CFG combination, APG's projected
-update (apg, apg_mix), and the checks and placement of a second model (autoguidance's weak model, gfcg's autoguidance
-base); the perturbed-network guidance that PAG, SEG and SLG share (PerturbationGuidance)."""
+"""Perturbation guidance (PAG, SEG, SLG): the network contrasted with a weakened copy of itself."""
 
 import math
 
 import torch
 
 from diffguide.errors import UserError
-from diffguide.guidance.base import Guidance, GuidedPrediction
+from diffguide.guidance.base import CFGLike, GuidedPrediction
+from diffguide.models import hooks
 from diffguide.models.denoiser import Denoiser
 from diffguide.models.parameterisation import Prediction
 
-
-def combine(denoiser: Denoiser, x: torch.Tensor, t, uncond: Prediction, cond: Prediction, scale) -> Prediction:
-    """uncond + scale (cond - uncond) (diffusers' convention: scale 1 is the conditional model), taken on the
-    network's own output and converted back. Every parameterisation is affine in its output at a fixed x, so this is
-    the same combination of x0 and of eps; on the network's output it is the same arithmetic, to the bit, as a CFG
-    written on eps (on an eps model, x0 comes from the combined eps), so that an eps model's images do not depend
-    on which form the code takes."""
-    out_u, out_c = denoiser.output(uncond, x, t), denoiser.output(cond, x, t)
-    return denoiser.from_output(out_u + scale * (out_c - out_u), x, t)
-
-
-def momentum_average(diff: torch.Tensor, running: torch.Tensor | None, momentum: float) -> torch.Tensor:
-    """APG's momentum buffer after one more difference: m = diff + momentum m_prev, with m_prev = 0 before the first
-    (diffusers' MomentumBuffer.update)."""
-    return diff if running is None else diff + momentum * running
-
-
-def projected_update(x0_cond: torch.Tensor, diff: torch.Tensor, eta: float, norm_threshold: float) -> torch.Tensor:
-    """APG's update from a (momentum-averaged) difference D_c - D_u: clipped to L2 norm `norm_threshold` (0: no
-    clipping), split into its part parallel to D_c and the orthogonal rest, orthogonal + eta parallel. Norms and
-    projections per sample over all non-batch dimensions; the projection in float64 (as diffusers' does)."""
-    dims = list(range(1, x0_cond.ndim))
-    if norm_threshold > 0:
-        norm = diff.norm(p=2, dim=dims, keepdim=True)
-        diff = diff * torch.clamp(norm_threshold / norm, max=1.0)
-    diff64, unit = diff.double(), torch.nn.functional.normalize(x0_cond.double().flatten(1), dim=1)
-    unit = unit.view_as(x0_cond)
-    parallel = (diff64 * unit).sum(dim=dims, keepdim=True) * unit
-    return ((diff64 - parallel) + eta * parallel).to(diff.dtype)
-
-
-def cfg_like(denoiser: Denoiser, x: torch.Tensor, t, labels: torch.Tensor, w: float, rule) -> GuidedPrediction:
-    """One step of a method that reshapes CFG's combination (TCFG, MAG): the conditional model alone at w = 1
-    (1 NFE), else `rule(out_cond, out_uncond, w)` on the network's own outputs of one batched pair (2 NFE)."""
-    if w == 1.0:
-        return GuidedPrediction.of(denoiser.predict(x, t, labels), nfe=1)
-    uncond, cond = denoiser.pair(x, t, labels)
-    out = rule(denoiser.output(cond, x, t), denoiser.output(uncond, x, t), w)
-    return GuidedPrediction.of(denoiser.from_output(out, x, t), nfe=2)
-
-
-def prepare_weak_model(name: str, weak: Denoiser, denoiser: Denoiser) -> None:
-    """The weak model must share the main model's noise process and classes; it runs on its device and precision."""
-    if not isinstance(weak, Denoiser):
-        raise UserError(f"guidance={name} needs a weak model: set guidance.weak_model")
-    if not weak.same_noise_process(denoiser):
-        raise UserError(f"guidance={name}: the weak model was trained on another noise schedule than the "
-                        "main model, so their predictions cannot be mixed")
-    if weak.num_classes != denoiser.num_classes:
-        raise UserError(f"guidance={name}: the weak model knows {weak.num_classes} classes, "
-                        f"the main model {denoiser.num_classes}")
-    weak.to(denoiser.device).set_precision(denoiser.autocast_dtype)
-
-
-# --- Perturbation guidance (PAG, SEG, SLG): the network contrasted with a weakened copy of itself ---------------------
 
 #: diffusers' SEG treats a blur sigma above this as infinite (SEG-SDXL's README: "Setting this value greater than 9999.0
 #: results in infinite blur, which means uniform queries"; diffusers' SmoothedEnergyGuidance seg_blur_threshold_inf)
@@ -81,7 +25,7 @@ def default_blocks(denoiser: Denoiser) -> tuple[int, ...]:
     block len(blocks) // 2, e.g. 14 of DiT-XL/2's 28, the block diffusers' PAG examples for 28-block transformers name
     (pipeline_pag_hunyuandit.py pag_applied_layers=[14], pipeline_pag_pixart_sigma.py "blocks.14"); 3 of fmnist_dit's 6.
     """
-    blocks = denoiser.blocks()
+    blocks = denoiser.parts().blocks
     mid = getattr(getattr(denoiser, "unet", None), "mid_block", None)
     if mid is not None:
         inside = {id(m) for m in mid.modules()}
@@ -99,7 +43,7 @@ def require_network_blocks(name: str, denoiser: Denoiser, what: str) -> None:
         raise UserError(f"guidance={name} guides with a perturbed network ({what}), and model=gmm is an exact "
                         f"Gaussian mixture with no network: the method has no closed-form meaning there; use a "
                         f"network model (model=fmnist_dit, fmnist_unet or dit_xl_2_256)")
-    if not denoiser.blocks():
+    if not denoiser.parts().blocks:
         raise UserError(f"guidance={name} guides with a perturbed network ({what}); model {type(denoiser).__name__} "
                         f"declares no network blocks to perturb (model=fmnist_dit, fmnist_unet or dit_xl_2_256 do)")
 
@@ -120,7 +64,7 @@ def combine_perturbed(denoiser: Denoiser, x: torch.Tensor, t, cond: Prediction, 
     return denoiser.from_output(out, x, t)
 
 
-class PerturbationGuidance(Guidance):
+class PerturbationGuidance(CFGLike):
     """What PAG, SEG and SLG share: a conditional prediction contrasted with the same network perturbed (`kind`, one
     of diffguide/models/hooks.py's KINDS, in `blocks`), optionally on top of CFG, over a window of the trajectory.
 
@@ -129,10 +73,8 @@ class PerturbationGuidance(Guidance):
 
     on the network's own output (eps, v, x0 or velocity alike). s = the papers' scale (0: the conditional model, or
     CFG); w = CFG's scale in cfg.yaml's convention (1: conditional). s follows the `schedule` (weight()). The perturbed
-    term is used at step i of N (the levels given to `begin`) when int(start N) < i < int(stop N), the window of
-    diffusers' guiders (skip_layer_guidance.py `_is_slg_enabled`, whose strict first inequality leaves step 0 out
-    even at start 0, as SD3's pipeline `i > num_inference_steps * skip_layer_guidance_start` does), except that
-    start = 0 includes step 0, so that a method its paper applies at every step does so; outside the window, and
+    term is used inside the window [start, stop) of the trajectory (CFGLike.set_window: diffusers' guiders' window,
+    with start = 0 including step 0); outside the window, and
     where s is 0, the perturbed forward is not run (NFE 1, or 2 with CFG)."""
 
     kind = ""
@@ -140,24 +82,20 @@ class PerturbationGuidance(Guidance):
     what = ""
     #: s = 0 is no perturbation guidance: a weight schedule scales s itself (as CFG++'s lambda)
     neutral_scale = 0.0
+    min_scale = 0.0
+    #: the null class only with a CFG term (checked in `check`)
+    needs_null_class = False
 
     def __init__(self, scale: float, blocks=None, cfg_scale: float | None = None, start: float = 0.0,
                  stop: float = 1.0, schedule=None):
-        self.scale = self.check_scale(self.name, scale, lo=0.0)
+        super().__init__(scale, schedule)
         self.blocks = self._parse_blocks(blocks)
         if cfg_scale is not None and (isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float))
                                       or not math.isfinite(cfg_scale)):
             raise UserError(f"guidance.cfg_scale must be a finite number (CFG's w; 1: no CFG term) or null "
                             f"(got {cfg_scale!r})")
         self.cfg_scale = None if cfg_scale is None or float(cfg_scale) == 1.0 else float(cfg_scale)
-        for key, value in (("start", start), ("stop", stop)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise UserError(f"guidance.{key} must be a fraction of the trajectory in [0, 1] (got {value!r})")
-        if not start < 1.0 or not start <= stop:
-            raise UserError(f"guidance={self.name}: needs 0 <= start < 1 and start <= stop <= 1 (got start={start}, "
-                            f"stop={stop})")
-        self.start, self.stop = float(start), float(stop)
-        self.set_schedule(schedule)
+        self.set_window(start, stop)
 
     def _parse_blocks(self, blocks) -> tuple[int, ...] | None:
         if blocks is None:
@@ -170,9 +108,7 @@ class PerturbationGuidance(Guidance):
 
     def perturbation(self, blocks: tuple[int, ...]):
         """The hooks.Perturbation of this method in `blocks`."""
-        from diffguide.models.hooks import Perturbation
-
-        return Perturbation(self.kind, blocks)
+        return hooks.Perturbation(self.kind, blocks)
 
     def blocks_for(self, denoiser: Denoiser) -> tuple[int, ...]:
         return self.blocks if self.blocks is not None else default_blocks(denoiser)
@@ -181,24 +117,14 @@ class PerturbationGuidance(Guidance):
         require_network_blocks(self.name, denoiser, self.what)
         if self.cfg_scale is not None:
             self.require_null_class(self.name, denoiser)
-        n, blocks = len(denoiser.blocks()), self.blocks_for(denoiser)
+        n, blocks = len(denoiser.parts().blocks), self.blocks_for(denoiser)
         bad = [k for k in blocks if not 0 <= k < n]
         if bad:
             raise UserError(f"guidance.blocks={list(blocks)}: block {bad[0]} is out of range; model "
                             f"{type(denoiser).__name__} has {n} blocks (0..{n - 1})")
         # the hooks check the rest (a block without self-attention, a processor diffusers cannot skip) at the call,
         # before anything is installed; the context is not entered here
-        denoiser.perturbed(self.perturbation(blocks))
-
-    def active(self, denoiser: Denoiser, t) -> bool:
-        """Whether the perturbed term is used at level t: inside [start, stop) of the trajectory (see the class)."""
-        if self.start == 0.0 and self.stop == 1.0:
-            return True
-        if not self.levels:
-            raise ValueError(f"guidance={self.name} with start/stop needs the trajectory: call begin() first")
-        sigma = denoiser.level(t).sigma
-        i, n = sum(level.sigma > sigma for level in self.levels), len(self.levels)  # t's step (a Heun midpoint: next)
-        return (self.start == 0.0 or int(self.start * n) < i) and i < int(self.stop * n)
+        hooks.network_perturbed(denoiser, self.perturbation(blocks))
 
     def __call__(self, denoiser, x, t, labels):
         scale = self.weight(denoiser, t) if self.active(denoiser, t) else 0.0
@@ -215,7 +141,7 @@ def perturbed_prediction(denoiser: Denoiser, x: torch.Tensor, t, labels: torch.T
     cond_labels = denoiser.condition(labels, True)
     perturbed, nfe = None, 0
     if scale != 0:
-        with denoiser.perturbed(perturbation):
+        with hooks.network_perturbed(denoiser, perturbation):
             perturbed = denoiser.predict(x, t, cond_labels)
         nfe += 1
     if cfg_scale is not None:

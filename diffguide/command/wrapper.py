@@ -3,7 +3,6 @@ primary config composed with Hydra's compose API (no `.hydra/` folder, no multir
 user error as one line on stderr with exit 2 (Ctrl-C: one line, exit 130), as `diffguide.run` promises."""
 
 import errno
-import math
 import sys
 from typing import Callable
 
@@ -12,8 +11,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from diffguide import cli
-from diffguide.config import CONF_DIR, register
+from diffguide.command import checks
+from diffguide.command.config import CONF_DIR, register
 from diffguide.errors import UserError
 
 
@@ -42,20 +41,20 @@ def describe(config_name: str, exc: BaseException, overrides: list[str], model_r
     """One line for a config error; an unknown key lists the keys of this command's config (not the run's); a model
     config that sets the sampling run's other groups (a student's guidance, a hub model's metric) is refused with
     `model_refusal` ("model=NAME sets the sampling run's GROUP and " + model_refusal)."""
-    for e in cli.causes(exc):
+    for e in checks.causes(exc):
         full_key = getattr(e, "full_key", None)
         if isinstance(e, OmegaConfBaseException) and full_key and "not in" in str(e) and "Key" in str(e):
             parent, _, leaf = full_key.rpartition(".")
             rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != full_key]
             keys = _keys(config_name, rest, parent)
-            hint = cli._suggest(leaf, keys) if keys else ""
+            hint = checks._suggest(leaf, keys) if keys else ""
             listing = f"; the keys{' of ' + parent if parent else ''} are: {', '.join(keys)}" if keys else ""
             return f"{full_key} is not a key{hint}{listing}"
     text = str(exc)
     if "No match in the defaults list" in text and text.startswith("In 'model/"):
         name = text.split("'")[1].split("/", 1)[1]
         return f"model={name} sets the sampling run's {text.split('override ')[1].split('.')[0]} and {model_refusal}"
-    return cli.describe(exc, overrides)
+    return checks.describe(exc, overrides)
 
 
 def entry(argv: list[str] | None, config_name: str, usage: str, keys_help: str, model_refusal: str,
@@ -89,10 +88,10 @@ def entry(argv: list[str] | None, config_name: str, usage: str, keys_help: str, 
         except Exception as exc:
             from hydra.errors import InstantiationException
 
-            if any(isinstance(e, KeyboardInterrupt) for e in cli.causes(exc)):
+            if any(isinstance(e, KeyboardInterrupt) for e in checks.causes(exc)):
                 raise KeyboardInterrupt from None
             if isinstance(exc, InstantiationException):
-                raise UserError(cli.describe(exc, argv)) from None
+                raise UserError(checks.describe(exc, argv)) from None
             raise
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr, flush=True)
@@ -106,26 +105,3 @@ def entry(argv: list[str] | None, config_name: str, usage: str, keys_help: str, 
             return 2
         raise
     return 0
-
-
-def wilson(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """The Wilson score interval of a proportion correct / n (95% for z = 1.96); NaN for n = 0."""
-    if n == 0:
-        return math.nan, math.nan
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def require_fashion_mnist_model(denoiser, what: str) -> None:
-    """Refuse, in one line, a model that does not make 1x28x28 pixels of Fashion-MNIST's 10 classes."""
-    from diffguide.data import fashion_mnist
-
-    if tuple(denoiser.sample_shape) != (1, 28, 28) or tuple(denoiser.image_shape) != (1, 28, 28):
-        raise UserError(f"model {type(denoiser).__name__} makes {'x'.join(map(str, denoiser.image_shape))} samples "
-                        f"in a {'x'.join(map(str, denoiser.sample_shape))} space; {what}")
-    if denoiser.num_classes != len(fashion_mnist.CLASSES):
-        raise UserError(f"the model knows {denoiser.num_classes} classes; Fashion-MNIST has "
-                        f"{len(fashion_mnist.CLASSES)}")

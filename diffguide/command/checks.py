@@ -23,7 +23,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from diffguide.config import CONF_DIR, register
+from diffguide.command.config import CONF_DIR, register, validate
 from diffguide.errors import UserError
 
 #: instantiate's own keys, never constructor arguments
@@ -218,7 +218,6 @@ def check_writable(folder: Path, key: str) -> None:
 def check_point(overrides: list[str], multirun: bool) -> str:
     """Compose one point and run every check that needs no model: raises UserError with one line. Returns the point's
     output folder (the sweep's, for `-m`)."""
-    from diffguide.run import validate  # the run's own range checks
 
     try:
         cfg = compose_point(overrides)

@@ -6,10 +6,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from diffguide.atomic import DiskFull, human_bytes
-from diffguide.distributed import Shard
+from diffguide.store.atomic import DiskFull, human_bytes
+from diffguide.runtime.distributed import Shard
 from diffguide.errors import UserError
-from diffguide.samples import SampleStore, initial_noise, labels_for, to_uint8
+from diffguide.store.samples import SampleStore, initial_noise, labels_for, to_uint8
 
 
 def step_count(sampler, denoiser) -> int:

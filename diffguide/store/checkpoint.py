@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 
-from diffguide.atomic import atomic_write_bytes
+from diffguide.store.atomic import atomic_write_bytes
 # Re-exported for the callers that still name them through this module (run.py, samples.py, train.py).
-from diffguide.atomic import DiskFull, atomic_write_text, clean_stale_temps, human_bytes  # noqa: F401
+from diffguide.store.atomic import DiskFull, atomic_write_text, clean_stale_temps, human_bytes  # noqa: F401
 from diffguide.errors import UserError
 
 
@@ -89,4 +89,4 @@ def path_digest(path, length: int = 16) -> str:
 
 def asset_path(name: str) -> str:
     """Absolute path of a file shipped in diffguide/weights (resolver `dg.asset`)."""
-    return str(Path(__file__).resolve().parent / "weights" / name)
+    return str(Path(__file__).resolve().parent.parent / "weights" / name)

@@ -24,15 +24,16 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from diffguide import checkpoint
+from diffguide.store import checkpoint
 from diffguide.errors import UserError
 from diffguide.guidance.base import GuidedPrediction
 from diffguide.models import student as student_lib
 from diffguide.models import unet as unet_lib
 from diffguide.models.schedules import CLEAN, Level
-from diffguide.runtime import resolve_precision
+from diffguide.runtime.device import resolve_precision
 from diffguide.samplers.ddim import DDIM
-from diffguide.train import _train_loop, ema_of, noised, to_model_range, write_card
+from diffguide.training.loop import train_loop, ema_of, noised, write_card
+from diffguide.data.fashion_mnist import to_model_range
 
 
 def guided_target(teacher, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -41,7 +42,7 @@ def guided_target(teacher, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Ten
     batched forward, without gradients."""
     null = torch.full_like(labels, teacher.null_class)
     with torch.no_grad():
-        out = teacher.network_output(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null, labels])).float()
+        out = teacher.raw_output(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null, labels])).float()
     uncond, cond = out.chunk(2)
     w = w.float().view(-1, *([1] * (x_t.dim() - 1)))
     return uncond + w * (cond - uncond)
@@ -113,7 +114,7 @@ def train_guided_student(cfg: DictConfig, images: torch.Tensor, labels: torch.Te
         return F.mse_loss(student.guided_output(x_t, t, y, w).float(), target)
 
     card = {"teacher_file": Path(teacher_file).name, "w_range": [lo, hi], **student_lib.parameter_counts(student)}
-    stats = _train_loop(cfg, trainable.values(), batch_loss, device, log, clip_grad_norm=1.0, after_step=update,
+    stats = train_loop(cfg, trainable.values(), batch_loss, device, log, clip_grad_norm=1.0, after_step=update,
                         save_checkpoint=lambda s: _save_student(student, cfg.out, swap, {**s, **card}),
                         checkpoint_every=cfg.checkpoint_every)
     stats.update(card)
@@ -213,7 +214,7 @@ def train_progressive(cfg: DictConfig, images: torch.Tensor, labels: torch.Tenso
                 "teacher_file": Path(str(cfg.student)).name if steps == rounds[0]
                 else Path(out_path(str(cfg.out), 2 * steps)).name}
         log(f"round: {2 * steps} -> {steps} DDIM steps")
-        stats = _train_loop(cfg, trainable.values(), batch_loss, device, log, clip_grad_norm=1.0, after_step=update,
+        stats = train_loop(cfg, trainable.values(), batch_loss, device, log, clip_grad_norm=1.0, after_step=update,
                             save_checkpoint=lambda s, out=out, swap=swap, student=student, card=card:
                             _save_student(student, out, swap, {**s, **card}),
                             checkpoint_every=cfg.checkpoint_every)

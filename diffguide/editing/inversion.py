@@ -36,7 +36,7 @@ optimised phi_t. Batched over images, one embedding per image per step: the batc
 own MSEs, so every row's gradient is its image's alone, Adam acts element-wise, and an image that reached its
 threshold keeps its embedding while the others go on: each image gets exactly what it would get alone.
 For a class-conditional network the "null text" is the null class's embedding: every module of
-`denoiser.label_embeddings()` (the UNet's class_embedding; each DiT block's own label table) gets its own phi.
+`denoiser.parts().label_embeddings` (the UNet's class_embedding; each DiT block's own label table) gets its own phi.
 The exact mixture (diffguide/models/gmm.py) has no embedding and is refused (UserError).
 """
 
@@ -44,74 +44,17 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from diffusers.hooks import ModelHook
 
 from diffguide.errors import UserError
+from diffguide.models.hooks import null_embeddings_replaced
 from diffguide.models.schedules import CLEAN, Level
 
 RULES = ("cfg", "cfgpp")
 
 
-# --- the null-class embedding override --------------------------------------------------------------------------------
-
-
-class NullEmbeddingHook(ModelHook):
-    """Replaces, in the output of a label-embedding module (labels (batch,) -> (batch, dim)), the rows of the null
-    class by `value` ((n, dim): one row per null row of the call, in order; or (1, dim): the same for all). The
-    labels are read in pre_forward (the module's first argument, or its `labels`/`class_labels` keyword)."""
-
-    def __init__(self, value: torch.Tensor, null_class: int):
-        super().__init__()
-        self.value, self.null_class = value, null_class
-        self._labels = None
-
-    def pre_forward(self, module, *args, **kwargs):
-        labels = args[0] if args else kwargs.get("labels", kwargs.get("class_labels"))
-        self._labels = labels
-        return args, kwargs
-
-    def post_forward(self, module, output):
-        labels, self._labels = self._labels, None
-        if labels is None or not torch.is_tensor(output):
-            return output
-        mask = labels.reshape(-1) == self.null_class
-        n = int(mask.sum())
-        if n == 0:
-            return output
-        value = self.value
-        if value.shape[0] == 1:
-            value = value.expand(n, *value.shape[1:])
-        elif value.shape[0] != n:
-            raise ValueError(f"null-embedding override: this forward has {n} null-class rows, but {value.shape[0]} "
-                             f"embeddings were given (one per image, or one for all)")
-        out = output.clone()
-        out[mask] = value.to(device=out.device, dtype=out.dtype)
-        return out
-
-
-def null_embeddings_replaced(denoiser, values: Sequence[torch.Tensor]):
-    """A context manager within which the null-class rows of every label-embedding module of `denoiser`
-    (`label_embeddings()`, in order) are replaced by `values[k]` (module k's (batch, dim) or (1, dim) tensor;
-    may require grad). On exit, even through an exception, every module has the forward and the hook registry it had
-    before (diffguide/models/hooks.py's machinery); parameters are never touched."""
-    from diffguide.models import hooks
-
-    modules = denoiser.label_embeddings()
-    if not modules:
-        raise UserError(f"model {type(denoiser).__name__} has no label embedding to replace the null class's "
-                        f"(null-text inversion needs one: the UNet and DiT families have it)")
-    if denoiser.null_class is None:
-        raise UserError(f"model {type(denoiser).__name__} has no null class")
-    values = list(values)
-    if len(values) != len(modules):
-        raise ValueError(f"{len(values)} null embeddings given for {len(modules)} label-embedding modules")
-    pairs = [(module, NullEmbeddingHook(value, denoiser.null_class)) for module, value in zip(modules, values)]
-    return hooks._installed(pairs, f"diffguide_null_embedding_{next(hooks._names)}")
-
-
 def initial_null_embeddings(denoiser, batch: int) -> list[torch.Tensor]:
     """Each label-embedding module's own output for the null class, (batch, dim) per module (detached copies)."""
-    modules = denoiser.label_embeddings()
+    modules = denoiser.parts().label_embeddings
     labels = torch.full((batch,), denoiser.null_class, dtype=torch.long, device=denoiser.device)
     with torch.no_grad():
         return [module(labels).detach().float().clone() for module in modules]
@@ -248,7 +191,7 @@ class NullTextInversion:
 
 
 def require_label_embeddings(denoiser) -> None:
-    if not denoiser.label_embeddings() or denoiser.null_class is None:
+    if not denoiser.parts().label_embeddings or denoiser.null_class is None:
         raise UserError(f"inversion=null_text optimises the null class's embedding, and model "
                         f"{type(denoiser).__name__} has none (a network with a label embedding is needed: the UNet or "
                         f"DiT families); use inversion=ddim or inversion=cfgpp")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from diffguide.checkpoint import atomic_write_bytes, atomic_write_text, clean_stale_temps
+from diffguide.store.checkpoint import atomic_write_bytes, atomic_write_text, clean_stale_temps
 from diffguide.errors import UserError
 
 _NAME = re.compile(r"^(\d{6,})\.png$")

@@ -6,7 +6,7 @@ from pathlib import Path
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from diffguide import checkpoint
+from diffguide.store import checkpoint
 
 #: paths in a config that a run writes to rather than reads from
 _NOT_INPUTS = {"cache_root"}

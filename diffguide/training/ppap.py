@@ -19,15 +19,16 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 
-from diffguide.atomic import atomic_write_bytes
+from diffguide.store.atomic import atomic_write_bytes
 from diffguide.classifiers import ppap as ppap_lib
 from diffguide.classifiers.clean import _relu_to_softplus
 from diffguide.errors import UserError
 from diffguide.guidance.none import NoGuidance
-from diffguide.networks import evaluator as evaluator_lib
-from diffguide.runtime import resolve_precision
+from diffguide.classifiers import evaluator as evaluator_lib
+from diffguide.runtime.device import resolve_precision
 from diffguide.samplers.ddim import DDIM
-from diffguide.train import _train_loop, noised, to_model_range
+from diffguide.training.loop import hardware, noised, train_loop
+from diffguide.data.fashion_mnist import to_model_range
 
 
 @torch.no_grad()
@@ -137,7 +138,7 @@ def train_ppap(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, devi
             return transfer_loss(torch.log_softmax(logits.float(), 1), q[idx].to(device))
 
         log(f"expert {k}: timesteps [{lo}, {hi})")
-        stats = _train_loop(OmegaConf.merge(cfg, {"seed": cfg.seed + k}), params, batch_loss, device, log)
+        stats = train_loop(OmegaConf.merge(cfg, {"seed": cfg.seed + k}), params, batch_loss, device, log)
         per_expert.append({"timesteps": [lo, hi], "final_loss": round(stats["final_loss"], 4),
                            "first_loss": round(stats["first_loss"], 4), "wall_time_s": stats["wall_time_s"]})
         for p in params:
@@ -147,7 +148,7 @@ def train_ppap(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, devi
     result = {"steps": cfg.steps, "experts": per_expert, "num_generated": cfg.num_generated,
               "generation_wall_s": round(gen_wall, 1), "wall_time_s": round(time.time() - start, 1),
               "trainable_parameters": trainable, "final_loss": sum(e["final_loss"] for e in per_expert) / len(per_expert),
-              "hardware": __import__("diffguide.train", fromlist=["_hardware"])._hardware(device)}
+              "hardware": hardware(device)}
     if test is not None:
         probe = [t for t in cfg.eval_timesteps]
         n = min(len(test[0]), cfg.eval_images)

@@ -1,16 +1,19 @@
 """Where the configs live, the resolvers they use, and the schema that validates the run config."""
 
 import enum
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from diffguide.checkpoint import asset_path
+from diffguide.errors import UserError
+from diffguide.runtime.device import resolve_device
+from diffguide.store.checkpoint import asset_path
 
-_HERE = Path(__file__).resolve().parent
+_HERE = Path(__file__).resolve().parent.parent  # the package
 # A checkout keeps conf/ at the top level; an installed wheel ships it inside the package (pyproject maps it).
 CONF_DIR = _HERE.parent / "conf" if (_HERE.parent / "conf").is_dir() else _HERE / "conf"
 
@@ -75,3 +78,20 @@ def register() -> None:
     OmegaConf.register_new_resolver("dg.or", _first_not_null, replace=True)
     OmegaConf.register_new_resolver("dg.job_dirname", job_dirname, replace=True)
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+#: sample i is seeded with seed + i, a 64-bit generator seed
+SEED_MAX = 2 ** 64 - 1
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks the schema's types cannot express; one clear message for the first problem."""
+    for key, lo in (("steps", 1), ("num_samples", 1), ("batch_size", 1), ("seed", 0), ("grid_size", 0)):
+        if cfg[key] < lo:
+            raise UserError(f"{key} must be >= {lo} (got {cfg[key]})")
+    if cfg.scale is not None and not math.isfinite(cfg.scale):
+        raise UserError(f"scale must be a finite number (got {cfg.scale})")
+    resolve_device(cfg.device)
+    if cfg.seed + cfg.num_samples - 1 > SEED_MAX:  # sample i is seeded with seed + i, a 64-bit generator seed
+        raise UserError(f"seed + num_samples - 1 must be <= {SEED_MAX} (2^64 - 1), the largest generator seed "
+                        f"(got seed={cfg.seed}, num_samples={cfg.num_samples})")

@@ -6,7 +6,7 @@ import timm
 import torch
 from torch import nn
 
-from diffguide import checkpoint
+from diffguide.store import checkpoint
 
 KIND = "fmnist-evaluator"
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST train pixel statistics on [0, 1]

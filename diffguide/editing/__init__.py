@@ -1,0 +1,1 @@
+"""Inversion and editing: DDIM, CFG++ and null-text inversion."""

@@ -1,1 +1,0 @@
-"""Networks shared by the metrics, the classifiers and training (not models that are sampled from)."""

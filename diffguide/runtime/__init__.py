@@ -1,0 +1,1 @@
+"""What every layer may use of the machine: device and precision, torchrun ranks."""
