@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffguide.models import unet as unet_lib
-from diffguide.networks import evaluator as evaluator_lib
+from diffguide.classifiers import evaluator as evaluator_lib
 from tests.helpers import SCHEDULE, TINY_UNET, ToyDenoiser, compose_run_config
 
 os.environ.setdefault("WANDB_MODE", "disabled")

@@ -2,6 +2,7 @@
 denoiser and a linear classifier worked out by hand, composing the run config, running a CLI."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from diffguide.classifiers.clean import CleanClassifier
-from diffguide.cli import compose_point
+from diffguide.command.checks import compose_point
 from diffguide.models.denoiser import Denoiser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +81,14 @@ def compose_run_config(overrides: list[str], out_dir: Path):
     return cfg
 
 
+def interruptible() -> None:
+    """A child's preexec_fn: SIGINT back to its default, so that the child's Python turns it into KeyboardInterrupt.
+    A suite started from a background shell (`make test &`, CI) hands its children SIGINT as ignored (POSIX: a
+    non-interactive shell's background jobs ignore SIGINT, and the disposition is inherited across exec), and a
+    Ctrl-C test would then see a run that finishes instead of stopping."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
@@ -97,3 +106,56 @@ def learned_variance_step(sampler, denoiser, guidance, x, labels, timesteps, i, 
     finally:
         denoiser.capture_variance(False)
     return pred, sampler.update(denoiser, x, t, t_next, pred, noise)
+
+
+def constant_noise(z: torch.Tensor):
+    """A noise source that returns z at every draw (and counts the draws)."""
+    draws = []
+
+    def noise():
+        draws.append(1)
+        return z.clone()
+
+    noise.draws = draws
+    return noise
+
+
+def generators(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def guider_prediction(guider, cond, uncond):
+    """A diffusers guider's prediction from the conditional and unconditional outputs, at step 0 of 10."""
+    guider.set_state(step=0, num_inference_steps=10, timestep=torch.tensor(500))
+    return guider.forward(cond, uncond).pred
+
+
+def network_outputs(model, x, t, labels):
+    """(o_c, o_u): the network's own outputs (eps, or a flow model's velocity)."""
+    uncond, cond = model.pair(x, t, labels)
+    return model.output(cond, x, t), model.output(uncond, x, t)
+
+
+def assert_refused_in_one_line(check, match: str) -> None:
+    """`check()` raises a one-line UserError matching `match`."""
+    from diffguide.errors import UserError
+
+    import pytest
+
+    with pytest.raises(UserError, match=match) as err:
+        check()
+    assert "\n" not in str(err.value)
+
+
+def without_null_class() -> "ToyDenoiser":
+    """The toy denoiser with no null class (no unconditional prediction)."""
+    toy = ToyDenoiser()
+    toy.null_class = None
+    return toy
+
+
+def guidance_config(name: str):
+    """conf/guidance/NAME.yaml instantiated as `python -m diffguide.run guidance=NAME` composes it."""
+    from hydra.utils import instantiate
+
+    return instantiate(compose_point([f"guidance={name}", "out_dir=/tmp/unused"]).guidance)

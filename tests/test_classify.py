@@ -16,8 +16,8 @@ from diffguide.classifiers import diffusion
 from diffguide.data import fashion_mnist
 from diffguide.metrics.fmnist import FashionMNISTMetrics
 from diffguide.models import gmm, unet as unet_lib
-from diffguide.samples import sample_path
-from diffguide.train import to_model_range
+from diffguide.store.samples import sample_path
+from diffguide.data.fashion_mnist import to_model_range
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GMM = ["model=gmm", "model.std=1.5", "num_images=60", "n_samples=[4,12]", "to_keep=[2,1]", "precision=fp32",

@@ -2,7 +2,7 @@
 
 from omegaconf import OmegaConf
 
-from diffguide.config import CONF_DIR, RunConfig
+from diffguide.command.config import CONF_DIR, RunConfig
 
 
 def _schema_defaults() -> dict:

@@ -1,4 +1,4 @@
-"""Guidance distillation (diffguide/distill.py, diffguide/models/student.py): Meng et al. 2023, "On Distillation of
+"""Guidance distillation (diffguide/training/distill.py, diffguide/models/student.py): Meng et al. 2023, "On Distillation of
 Guided Diffusion Models" (arXiv 2210.03142, no official code), its stage 2 from Salimans & Ho 2022, "Progressive
 Distillation for Fast Sampling of Diffusion Models" (arXiv 2202.00512, Algorithm 2), and the LoRA variant."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffguide import distill
+from diffguide.training import distill
 from diffguide.errors import UserError
 from diffguide.guidance.distilled import Distilled
 from diffguide.models import student as student_lib
@@ -14,7 +14,7 @@ from diffguide.models import unet as unet_lib
 from diffguide.models.gmm import GaussianMixture
 from diffguide.models.schedules import CLEAN
 from diffguide.samplers.ddim import DDIM
-from diffguide.train import noised
+from diffguide.training.loop import noised
 from tests.helpers import SCHEDULE, TINY_UNET, ToyDenoiser, toy_images
 
 
@@ -77,7 +77,7 @@ def test_the_untrained_student_is_the_teachers_conditional_model(teacher_path):
     student = student_lib.from_teacher(teacher, [1, 4])
     x_t, t, labels, w = _fixed_batch(student, 8)
     with torch.no_grad():
-        torch.testing.assert_close(student.guided_output(x_t, t, labels, w), teacher.network_output(x_t, t, labels),
+        torch.testing.assert_close(student.guided_output(x_t, t, labels, w), teacher.raw_output(x_t, t, labels),
                                    rtol=0, atol=0)
 
 
@@ -126,8 +126,8 @@ def test_the_lora_students_base_stays_the_teacher_to_the_bit(tmp_path, teacher_p
     assert lora_b and any(v.abs().max() > 0 for v in lora_b)  # peft starts B at zero
     x_t, t, y, w = batch
     with torch.no_grad():
-        torch.testing.assert_close(student_lib.LoraBase(student).network_output(x_t, t, y),
-                                   teacher.network_output(x_t, t, y), rtol=0, atol=0)
+        torch.testing.assert_close(student_lib.LoraBase(student).raw_output(x_t, t, y),
+                                   teacher.raw_output(x_t, t, y), rtol=0, atol=0)
     reloaded = student_lib.load(cfg.out, teacher=str(teacher_path), merge=False)
     merged = student_lib.load(cfg.out, teacher=str(teacher_path))
     with torch.no_grad():

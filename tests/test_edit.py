@@ -108,7 +108,14 @@ def test_user_errors_are_one_line_before_any_work(base, tmp_path, capsys, overri
 def test_null_text_on_a_model_without_label_embeddings_is_refused(tmp_path, capsys, monkeypatch, base):
     from diffguide.models.unet import UNetDenoiser
 
-    monkeypatch.setattr(UNetDenoiser, "label_embeddings", lambda self: [])
+    real_parts = UNetDenoiser.parts
+
+    def no_label_embeddings(self):
+        parts = real_parts(self)
+        parts.label_embeddings = []
+        return parts
+
+    monkeypatch.setattr(UNetDenoiser, "parts", no_label_embeddings)
     out = tmp_path / "out"
     assert edit.entry([*base, "inversion=null_text", "images=[0]", f"out_dir={out}"]) == 2
     err = capsys.readouterr().err.splitlines()

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffguide import checkpoint
+from diffguide.store import checkpoint
 from diffguide.errors import UserError
 from diffguide.models import unet as unet_lib
-from tests.helpers import ROOT, TINY_UNET, SCHEDULE
+from tests.helpers import ROOT, SCHEDULE, TINY_UNET, interruptible
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
@@ -158,7 +158,7 @@ def test_every_committed_checkpoint_carries_its_digest():
 
 def _cli(args, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "diffguide.run", *args], cwd=ROOT, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=interruptible, **kwargs)
 
 
 def _wait_for(predicate, seconds=120):
@@ -224,7 +224,7 @@ runpy.run_module("diffguide.run", run_name="__main__", alter_sys=True)
 
 def _run_at(moment, name, count, sig, args):
     return subprocess.run([sys.executable, "-c", _AT, moment, name, str(count), sig, *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, preexec_fn=interruptible)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""DDIM, CFG++ and null-text inversion (diffguide/inversion.py) on the exact mixture and on a tiny random UNet."""
+"""DDIM, CFG++ and null-text inversion (diffguide/editing/inversion.py) on the exact mixture and on a tiny random UNet."""
 
 import math
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler
 
-from diffguide import inversion as inv
+from diffguide.models import hooks
+from diffguide.editing import inversion as inv
 from diffguide.errors import UserError
 from diffguide.models import gmm
 from diffguide.models import unet as unet_lib
@@ -137,20 +138,20 @@ def test_null_embedding_override_replaces_null_rows_and_leaves_the_network_bit_i
     level = tiny.level(500)
     state = _state(tiny)
     uncond_before, cond_before = tiny.pair(x, level, y)
-    (embedding,) = tiny.label_embeddings()
+    (embedding,) = tiny.parts().label_embeddings
     assert embedding is tiny.unet.class_embedding
     phi = inv.initial_null_embeddings(tiny, 2)
     torch.testing.assert_close(phi[0][0], tiny.unet.class_embedding.weight[tiny.null_class])
-    with tiny.null_embeddings_replaced(phi):  # the network's own null row: the same predictions
+    with hooks.null_embeddings_replaced(tiny, phi):  # the network's own null row: the same predictions
         same_u, same_c = tiny.pair(x, level, y)
     assert torch.equal(same_u.eps, uncond_before.eps) and torch.equal(same_c.eps, cond_before.eps)
     other = [phi[0] + torch.randn_like(phi[0])]
-    with tiny.null_embeddings_replaced(other):
+    with hooks.null_embeddings_replaced(tiny, other):
         moved_u, moved_c = tiny.pair(x, level, y)
     assert not torch.allclose(moved_u.eps, uncond_before.eps)
     assert torch.equal(moved_c.eps, cond_before.eps)  # the conditional rows are untouched
     with pytest.raises(RuntimeError, match="boom"):
-        with tiny.null_embeddings_replaced(other):
+        with hooks.null_embeddings_replaced(tiny, other):
             tiny.pair(x, level, y)
             raise RuntimeError("boom")
     after_u, after_c = tiny.pair(x, level, y)

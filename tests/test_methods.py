@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffguide.classifiers import noisy as noisy_lib
-from diffguide.config import CONF_DIR
+from diffguide.command.config import CONF_DIR
 from diffguide.run import run
 from diffguide.samplers.ddim import DDIM
 from tests.helpers import compose_run_config

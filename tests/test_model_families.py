@@ -6,7 +6,7 @@ commands."""
 import pytest
 import torch
 
-from diffguide.config import CONF_DIR
+from diffguide.command.config import CONF_DIR
 from diffguide.models import unet as unet_lib
 from diffguide.samplers.ddim import DDIM
 from tests.helpers import SCHEDULE, TINY_UNET
@@ -84,7 +84,7 @@ def test_every_method_runs_on_every_model_family(run_diffguide, tmp_path, tiny_u
             overrides.append("guidance.weak_model._target_=diffguide.models.dit.load_pixel")
     if name == "distilled":
         if family != "eps":
-            pytest.skip("guidance distillation (diffguide/distill.py) starts from an eps-prediction UNet teacher")
+            pytest.skip("guidance distillation (diffguide/training/distill.py) starts from an eps-prediction UNet teacher")
         from diffguide.models import student as student_lib
 
         student_path = tmp_path / "student.safetensors"
@@ -168,7 +168,7 @@ def test_the_mixtures_new_family_keys_leave_its_runs_fingerprint_as_it_was(tmp_p
     folder made then still resumes: its fingerprint is the one without the keys."""
     from omegaconf import open_dict
 
-    from diffguide.fingerprint import fingerprint
+    from diffguide.store.fingerprint import fingerprint
     from tests.helpers import compose_run_config
 
     now = fingerprint(compose_run_config(["model=gmm", "metric=none"], tmp_path / "a"))[0]

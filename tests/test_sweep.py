@@ -56,7 +56,7 @@ def test_results_name_finished_and_failed_points_alike_and_a_finish_clears_the_f
     steps); a later finish removes it; the reader lists finished points, then failed ones, skipping what it is told."""
     from omegaconf import OmegaConf
 
-    from diffguide import results
+    from diffguide.store import results
 
     cfg = OmegaConf.create({"scale": 2.5, "steps": 4, "sampler": {"_target_": "diffguide.samplers.ddim.DDIM"},
                             "guidance": {"_target_": "diffguide.guidance.cfg.CFG", "scale": "${scale}"}})

@@ -11,13 +11,16 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from diffguide import train as train_lib
-from diffguide.distill import train_guided_student, train_progressive
-from diffguide.config import CONF_DIR
+from diffguide.training.distill import train_guided_student, train_progressive
+from diffguide.command.config import CONF_DIR
 from diffguide.models import unet as unet_lib
-from diffguide.networks import evaluator as evaluator_lib
-from diffguide.ppap import train_ppap
-from diffguide.runtime import resolve_precision
-from diffguide.train import diffusion_loss, flow_loss, train_evaluator, train_noisy_classifier, train_unet
+from diffguide.classifiers import evaluator as evaluator_lib
+from diffguide.training.ppap import train_ppap
+from diffguide.runtime.device import resolve_precision
+from diffguide.training import recipes
+from diffguide.training.loop import hardware
+from diffguide.training.recipes import (diffusion_loss, flow_loss, train_dit, train_evaluator, train_noisy_classifier,
+                                        train_unet)
 from tests.helpers import SCHEDULE, TINY_UNET, run_cli, toy_images
 
 
@@ -95,7 +98,7 @@ def _old_lr(step: int, total: int, peak: float, warmup: int) -> float:
 def _old_save_unet(model, ema, cfg, step, losses, wall, device) -> dict:
     tail = losses[-min(len(losses), 100):]
     stats = {"steps": step, "final_loss": sum(tail) / len(tail), "first_loss": losses[0], "wall_time_s": round(wall, 1),
-             "hardware": train_lib._hardware(device), "parameters": sum(p.numel() for p in ema.parameters())}
+             "hardware": hardware(device), "parameters": sum(p.numel() for p in ema.parameters())}
     live = model.unet
     model.unet = ema
     try:
@@ -163,7 +166,7 @@ def _old_train_classifier(cfg, model, device, draw_batch, forward, log=print) ->
     model.eval()
     tail = losses[-min(len(losses), 100):]
     return {"steps": cfg.steps, "final_loss": sum(tail) / len(tail), "first_loss": losses[0],
-            "wall_time_s": round(time.time() - start, 1), "hardware": train_lib._hardware(device),
+            "wall_time_s": round(time.time() - start, 1), "hardware": hardware(device),
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -224,7 +227,7 @@ def test_shared_loop_trains_the_classifiers_bit_for_bit_as_the_old_loop(tmp_path
     old_log, new_log = [], []
 
     with monkeypatch.context() as patch:
-        patch.setattr(train_lib, "_train_classifier", _old_train_classifier)
+        patch.setattr(recipes, "_train_classifier", _old_train_classifier)
         old_model, old_stats = train(OmegaConf.merge(cfg, {"out": str(tmp_path / "old.safetensors")}), images, labels,
                                      device, test=(images, labels), log=old_log.append)
     new_model, new_stats = train(OmegaConf.merge(cfg, {"out": str(tmp_path / "new.safetensors")}), images, labels,
@@ -236,7 +239,7 @@ def test_shared_loop_trains_the_classifiers_bit_for_bit_as_the_old_loop(tmp_path
     assert _losses_logged(new_log) == _losses_logged(old_log) and len(new_log) == 2
 
 
-TRAINERS = {"fmnist_unet": train_unet, "fmnist_dit": train_lib.train_dit, "fmnist_unet_weak": train_unet,
+TRAINERS = {"fmnist_unet": train_unet, "fmnist_dit": train_dit, "fmnist_unet_weak": train_unet,
             "fmnist_flow": train_unet,
             "fmnist_evaluator": train_evaluator, "fmnist_offshelf": train_evaluator,
             "fmnist_noisy_classifier": train_noisy_classifier, "fmnist_guided_student": train_guided_student,
@@ -260,7 +263,7 @@ def test_every_train_recipe_names_its_trainer():
 @pytest.mark.parametrize("override,message", [
     ("train._target_=diffguide.train.nope", "train._target_=diffguide.train.nope cannot be imported"),
     ("~train._target_", "train._target_ is missing"),
-    ("train._target_=diffguide.train.to_model_range", "train._target_=diffguide.train.to_model_range is not a trainer"),
+    ("train._target_=diffguide.data.fashion_mnist.to_model_range", "train._target_=diffguide.data.fashion_mnist.to_model_range is not a trainer"),
 ])
 def test_a_bad_trainer_target_is_one_line_and_exit_2_before_training(tmp_path, override, message):
     out = tmp_path / "u.safetensors"

@@ -70,15 +70,15 @@ def test_scores_rank_classes_as_the_exact_posterior():
 
 
 def _counting(model):
-    """Wrap model.network: the (image, class) rows of every forward."""
+    """Wrap model._output_at: the (image, class) rows of every forward."""
     rows = []
-    network = model.network
+    network = model._output_at
 
     def counted(x, level, labels):
         rows.append((level.t, labels.clone()))
         return network(x, level, labels)
 
-    model.network = counted
+    model._output_at = counted
     return rows
 
 
@@ -100,7 +100,7 @@ def test_adaptive_stage_evaluates_only_the_kept_classes_on_new_pairs():
     assert all(torch.equal(s, torch.arange(6).expand(4, -1)) for s in stage1)
     # the classes kept after stage 1: the 3 lowest mean errors over the stage-1 pairs, computed independently
     timesteps, noises = first + second, diffusion.fixed_noises((1, 4, 4), 12, 0)
-    model.network = type(model).network.__get__(model)
+    model._output_at = type(model)._output_at.__get__(model)
     stage1_mean = diffusion.class_errors(model, x0, range(6), first, noises[:4])
     kept = stage1_mean.topk(3, dim=1, largest=False).indices.sort(1).values
     for labels in stage2:
@@ -148,8 +148,8 @@ def test_diffusion_classifier_config_instantiates_with_the_model(tiny_unet_path)
     """conf/classifier/fmnist_diffusion.yaml: model: ${model} is the generator's own network."""
     from omegaconf import OmegaConf
 
-    from diffguide.config import CONF_DIR
-    from diffguide.run import _instantiate
+    from diffguide.command.config import CONF_DIR
+    from diffguide.errors import instantiate as _instantiate
 
     node = OmegaConf.load(CONF_DIR / "classifier" / "fmnist_diffusion.yaml")
     cfg = OmegaConf.create({"model": {"_target_": "diffguide.models.unet.load", "weights": str(tiny_unet_path)},

@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 from diffguide.classifiers import ppap as ppap_lib
 from diffguide.guidance.classifier import ClassifierGuidance
 from diffguide.models.schedules import Level
-from diffguide.networks import evaluator as evaluator_lib
-from diffguide.ppap import train_ppap, transfer_loss
+from diffguide.classifiers import evaluator as evaluator_lib
+from diffguide.training.ppap import train_ppap, transfer_loss
 from tests.helpers import SCHEDULE
 
 
@@ -126,7 +126,7 @@ def test_training_moves_only_each_experts_own_parameters(tuning, tiny_unet_path,
             continue  # the experts hold their own copies of these
         torch.testing.assert_close(shared[name], value, rtol=0, atol=0)
     loaded = ppap_lib.load(cfg.out)
-    # the file stores floats in fp16 (diffguide/checkpoint.py): the same network with its weights so rounded
+    # the file stores floats in fp16 (diffguide/store/checkpoint.py): the same network with its weights so rounded
     experts.load_state_dict({k: v.half().float() if v.is_floating_point() else v
                              for k, v in experts.state_dict().items()})
     x = torch.randn(2, 1, 28, 28)

@@ -10,7 +10,7 @@ from diffusers.guiders import AdaptiveProjectedMixGuidance
 from diffusers.guiders.adaptive_projected_guidance_mix import MomentumBuffer
 from omegaconf import OmegaConf
 
-from diffguide.config import CONF_DIR
+from diffguide.command.config import CONF_DIR
 from diffguide.errors import UserError
 from diffguide.guidance.apg import APG
 from diffguide.guidance.apg_mix import APGMix
@@ -79,8 +79,8 @@ def test_equals_diffusers_original_formulation_over_a_trajectory(cfg_steps):
         x = torch.randn(3, 1, 8, 8, generator=gen, dtype=torch.float64)  # float64: see the docstring
         guider.set_state(step=step, num_inference_steps=len(timesteps), timestep=torch.tensor(t))
         assert guider._is_apg_enabled() == ours.is_apg(model, t) == (step >= cfg_steps), step
-        x0_c = model.x0_from_eps(x, t, model(x, t, labels))
-        x0_u = model.x0_from_eps(x, t, model(x, t, model.null_labels(labels)))
+        x0_c = model.x0_from_eps(x, t, model.predict(x, t, labels).eps)
+        x0_u = model.x0_from_eps(x, t, model.predict(x, t, model.null_labels(labels)).eps)
         theirs = guider.forward(x0_c, x0_u).pred
         assert torch.allclose(ours(model, x, t, labels).x0, theirs, rtol=0, atol=1e-10), step
         if step == cfg_steps > 0:  # a buffer fed on the APG steps only would start here from zero: not diffusers'
@@ -118,7 +118,7 @@ def test_cfg_scale_null_is_scale_and_scale_one_is_conditional(toy):
     conditional = APGMix(1.0, cfg_scale=1.0, cfg_steps=1)
     conditional.begin(toy, labels, [800, 400])
     for t in (800, 400):
-        assert torch.allclose(conditional(toy, x, t, labels).eps, toy(x, t, labels), atol=1e-5), t
+        assert torch.allclose(conditional(toy, x, t, labels).eps, toy.predict(x, t, labels).eps, atol=1e-5), t
 
 
 def test_midpoint_evaluations_follow_their_step():

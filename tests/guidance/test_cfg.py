@@ -28,7 +28,7 @@ def test_cfg_matches_formula_worked_by_hand(toy):
 def test_cfg_at_one_is_conditional_and_at_zero_unconditional_in_one_evaluation(toy, w, expected_label):
     x, labels = torch.randn(3, 1, 2, 2), torch.tensor([1, 1, 1])
     pred = CFG(w)(toy, x, 500, labels)
-    assert torch.allclose(pred.eps, toy(x, 500, torch.full_like(labels, expected_label)))
+    assert torch.allclose(pred.eps, toy.predict(x, 500, torch.full_like(labels, expected_label)).eps)
     assert pred.nfe == 1 and toy.calls[0] == 3
 
 
@@ -38,7 +38,7 @@ def test_cfg_equals_diffusers_guider(toy, w):
     ours = CFG(w)(toy, x, 700, labels).eps
     guider = ClassifierFreeGuidance(guidance_scale=w)
     guider.set_state(step=0, num_inference_steps=10, timestep=torch.tensor(700))
-    theirs = guider.forward(toy(x, 700, labels), toy(x, 700, toy.null_labels(labels))).pred
+    theirs = guider.forward(toy.predict(x, 700, labels).eps, toy.predict(x, 700, toy.null_labels(labels)).eps).pred
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 

@@ -31,7 +31,7 @@ def test_cfg_zero_star_equals_diffusers_over_steps(w, zero_steps):
     for step, t in enumerate([900, 600, 300, 100]):
         x = torch.randn(3, 1, 8, 8, generator=gen)
         guider.set_state(step=step, num_inference_steps=4, timestep=torch.tensor(t))
-        theirs = guider.forward(model(x, t, labels), model(x, t, model.null_labels(labels))).pred
+        theirs = guider.forward(model.predict(x, t, labels).eps, model.predict(x, t, model.null_labels(labels)).eps).pred
         got = ours(model, x, t, labels)
         if step >= zero_steps:  # diffusers zeroes whatever the model predicts: eps here, not the flow velocity
             assert torch.allclose(got.eps, theirs, atol=1e-5), step
@@ -78,6 +78,6 @@ def test_zero_init_is_a_flow_euler_step_with_zero_velocity(clip):
     assert torch.allclose(x_f_next, expected, atol=1e-6)
     assert x_next.std() / x.std() == pytest.approx(1.0, abs=0.05)
     # the conditional model's own velocity at x_t is not zero: zero-init is a real change of the first step
-    eps_c = model(x, 999, labels)
+    eps_c = model.predict(x, 999, labels).eps
     x0_c = model.x0_from_eps(x, 999, eps_c)
     assert (eps_c - x0_c).abs().max() > 0.1

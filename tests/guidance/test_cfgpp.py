@@ -75,11 +75,11 @@ def test_cfgpp_scale_above_one_warns():
 
 @pytest.mark.parametrize("lam, t, t_next", [(0.2, 900, 850), (0.35, 400, 300), (0.6, 120, 40)])
 def test_a_cfgpp_ddim_step_is_a_cfg_step_at_the_effective_weight(toy, lam, t, t_next):
-    """The identity scripts/cfgpp_effective_scale.py prints: with sigma = sqrt((1 - a) / a), the CFG++ DDIM step
+    """The identity diffguide/samplers/effective_scale.py computes (scripts/cfgpp_effective_scale.py prints it): with sigma = sqrt((1 - a) / a), the CFG++ DDIM step
     (CFGpp-diffusion/CFGpp latent_diffusion.py: x0 from eps_u + lam (eps_c - eps_u), re-noised with eps_u) equals a
     CFG DDIM step at w_t = lam sigma_t / (sigma_t - sigma_next), worked in EDM coordinates x / sqrt(a)."""
     from diffguide.guidance.cfg import CFG
-    from scripts.cfgpp_effective_scale import effective_weights
+    from diffguide.samplers.effective_scale import effective_weights
 
     x, labels = torch.tensor([[[[0.3, -1.1], [0.8, 0.05]]]]), torch.tensor([2])
     sampler = DDIM(steps=10, clip_x0=False)

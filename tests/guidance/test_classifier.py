@@ -31,7 +31,7 @@ def test_exact_classifier_at_scale_one_is_the_exact_conditional_model(mixture, t
 def test_scale_two_doubles_the_classifier_term_worked_by_hand(mixture):
     x, labels, t = torch.randn(2, 1, 4, 4), torch.tensor([0, 2]), 300
     a = float(mixture.alphas_cumprod[t])
-    eps_u, eps_c = mixture(x, t, mixture.null_labels(labels)), mixture(x, t, labels)
+    eps_u, eps_c = mixture.predict(x, t, mixture.null_labels(labels)).eps, mixture.predict(x, t, labels).eps
     # grad log p(y | x_t) = (eps_u - eps_c) / sqrt(1 - a) by Bayes, so s = 2 gives eps_u + 2 (eps_c - eps_u).
     guided = ddim_form(ClassifierGuidance(ExactMixtureClassifier(mixture), scale=2.0), mixture, x, t, labels)
     assert torch.allclose(guided.eps, eps_u + 2 * (eps_c - eps_u), atol=1e-4)
@@ -50,7 +50,7 @@ def test_ancestral_step_is_condition_mean(mixture):
     pred = sampler._finalize(mixture, x, t, t_next, ClassifierGuidance(classifier, scale=s)(mixture, x, t, labels))
     got = sampler.update(mixture, x, t, t_next, pred, noise=lambda: z)
     a, a_next = float(mixture.alphas_cumprod[t]), float(mixture.alphas_cumprod[t_next])
-    eps_u = mixture(x, t, mixture.null_labels(labels))
+    eps_u = mixture.predict(x, t, mixture.null_labels(labels)).eps
     x0 = ((x - (1 - a) ** 0.5 * eps_u) / a ** 0.5).clamp(-1, 1)
     beta = 1 - a / a_next
     mean = a_next ** 0.5 * beta / (1 - a) * x0 + (a / a_next) ** 0.5 * (1 - a_next) / (1 - a) * x

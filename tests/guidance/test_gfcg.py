@@ -61,7 +61,7 @@ def test_a_confident_classifier_leaves_the_base(toy):
     x = torch.full((1, 1, 2, 2), 0.5)
     g.check(toy)
     pred = g(toy, x, 10, torch.tensor([0]))
-    assert torch.allclose(pred.eps, toy(x, 10, torch.tensor([0])), atol=1e-6)
+    assert torch.allclose(pred.eps, toy.predict(x, 10, torch.tensor([0])).eps, atol=1e-6)
 
 
 def test_parameter_errors(linear, toy):

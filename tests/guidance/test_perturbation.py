@@ -1,4 +1,4 @@
-"""PAG, SEG and SLG (diffguide/guidance/pag.py, seg.py, slg.py; shared code in common.PerturbationGuidance): each rule
+"""PAG, SEG and SLG (diffguide/guidance/pag.py, seg.py, slg.py; shared code in perturbation.PerturbationGuidance): each rule
 against a step worked by hand on a tiny random pixel DiT (the perturbed forward written without the hooks), against
 diffusers' guiders fed the same three predictions, the network left as it was, the evaluations counted, the window
 of steps, and the refusals."""
@@ -13,8 +13,9 @@ from diffusers.guiders import PerturbedAttentionGuidance, SkipLayerGuidance, Smo
 from torch import nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
+from diffguide.models import hooks
 from diffguide.errors import UserError
-from diffguide.guidance import common
+from diffguide.guidance import perturbation
 from diffguide.guidance.pag import PAG
 from diffguide.guidance.seg import SEG
 from diffguide.guidance.slg import SLG
@@ -93,12 +94,12 @@ def by_hand(model, k, make):
     else:
         block.attn1.forward = make(block.attn1)
     with torch.no_grad():
-        return other(X, T, LABELS)
+        return other.predict(X, T, LABELS).eps
 
 
 def eps(model, labels=LABELS):
     with torch.no_grad():
-        return model(X, T, labels)
+        return model.predict(X, T, labels).eps
 
 
 METHODS = [  # (method, hand-made perturbed forward)
@@ -292,11 +293,11 @@ def test_on_the_network_output_of_a_v_model_and_the_unet_default_block():
                   down_block_types=["AttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "AttnUpBlock2D"],
                   norm_num_groups=4, attention_head_dim=4)
     model = unet_lib.build(config, 10, SCHEDULE, parameterisation="v").eval()
-    assert common.default_blocks(model) == (1,) and model.blocks()[1] is model.unet.mid_block.attentions[0]
+    assert perturbation.default_blocks(model) == (1,) and model.parts().blocks[1] is model.unet.mid_block.attentions[0]
     s = 2.0
     with torch.no_grad():
         cond = model.predict(X, T, LABELS)
-        with model.perturbed(Perturbation("skip_block", (1,))):
+        with hooks.network_perturbed(model, Perturbation("skip_block", (1,))):
             pert = model.predict(X, T, LABELS)
         pred = SLG(s, start=0.0, stop=1.0)(model, X, T, LABELS)
     v = lambda p: model.output(p, X, T)  # noqa: E731
@@ -308,9 +309,9 @@ def test_on_the_network_output_of_a_v_model_and_the_unet_default_block():
 def test_default_block_of_a_dit_is_its_middle(model):
     """len(blocks) // 2: 1 of the tiny DiT's 3, 3 of fmnist_dit's 6, 14 of DiT-XL/2's 28 (diffusers' PAG examples for
     28-block transformers: pipeline_pag_hunyuandit.py pag_applied_layers=[14])."""
-    assert common.default_blocks(model) == (1,)
+    assert perturbation.default_blocks(model) == (1,)
     six = dit.build({**TINY_DIT, "num_layers": 6}, 3, SCHEDULE)
-    assert common.default_blocks(six) == (3,)
+    assert perturbation.default_blocks(six) == (3,)
     pert = by_hand(model, 1, identity_attention)
     eps_c = eps(model)
     torch.testing.assert_close(PAG(1.0)(model, X, T, LABELS).eps, 2 * eps_c - pert, atol=1e-5, rtol=1e-5)
@@ -355,7 +356,7 @@ def test_defaults_and_their_sources():
     """PAG s = 3 (diffusers' PAG pipelines' pag_scale), SEG s = 3 with infinite blur (SEG-SDXL's README; diffusers'
     seg_blur_sigma 9999999), SLG s = 2.8 on steps 0.01-0.2 (SD3.5 Medium; diffusers' SkipLayerGuidance); middle block;
     no CFG term."""
-    from diffguide.cli import compose_point
+    from diffguide.command.checks import compose_point
     from hydra.utils import instantiate
 
     made = {name: instantiate(compose_point([f"guidance={name}", "out_dir=/tmp/unused"]).guidance)

@@ -157,7 +157,7 @@ def test_apg_follows_the_schedule(toy):
     expected = d_c + 2.0 * ((diff - par) + 0.5 * par)
     assert torch.allclose(guidance(toy, x, t, labels).x0, expected, atol=1e-6)
     first = guidance(toy, x, 600, labels)
-    assert torch.allclose(first.eps, toy(x, 600, labels), atol=1e-5)
+    assert torch.allclose(first.eps, toy.predict(x, 600, labels).eps, atol=1e-5)
 
 
 def test_rescale_and_zero_star_follow_the_schedule(toy):
@@ -167,7 +167,7 @@ def test_rescale_and_zero_star_follow_the_schedule(toy):
     for cls in (CFGRescale, lambda w, schedule=None: CFGZeroStar(w, zero_init_steps=0, schedule=schedule)):
         scheduled = cls(3.0, schedule="linear")
         scheduled.begin(toy, labels, [600, 400, 200])
-        assert torch.allclose(scheduled(toy, x, 600, labels).eps, toy(x, 600, labels), atol=1e-5)
+        assert torch.allclose(scheduled(toy, x, 600, labels).eps, toy.predict(x, 600, labels).eps, atol=1e-5)
         assert torch.allclose(scheduled(toy, x, 200, labels).eps, cls(5.0)(toy, x, 200, labels).eps, atol=1e-6)
 
 
@@ -198,7 +198,7 @@ def test_bad_schedules_are_refused_in_one_line(schedule, match):
 def test_a_schedule_from_the_config(tiny_unet_path, tmp_path):
     """guidance.schedule=linear and the dict form reach every CFG-like method's constructor (a Hydra DictConfig);
     a bad kind from the command line is one line before any model loads."""
-    from diffguide.run import _instantiate
+    from diffguide.errors import instantiate as _instantiate
     from tests.helpers import compose_run_config
 
     for method in ("cfg", "cfgpp", "cfg_rescale", "cfg_zero_star", "apg"):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from diffguide.data import fashion_mnist
 from diffguide.metrics.fmnist import FashionMNISTMetrics
-from diffguide.samples import sample_path
+from diffguide.store.samples import sample_path
 
 
 @dataclass

@@ -13,7 +13,8 @@ import torch
 import torch_fidelity
 from torch_fidelity.registry import DATASETS_REGISTRY
 
-from diffguide import atomic, checkpoint
+from diffguide.store import atomic
+from diffguide.store import checkpoint
 from diffguide.data import fashion_mnist
 from diffguide.metrics.base import SampleFiles
 from diffguide.metrics.inception import InceptionMetrics

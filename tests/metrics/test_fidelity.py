@@ -6,8 +6,8 @@ import torch
 
 from diffguide.data import fashion_mnist
 from diffguide.metrics.fmnist import FashionMNISTMetrics
-from diffguide.networks import evaluator as evaluator_lib
-from diffguide.samples import SampleStore
+from diffguide.classifiers import evaluator as evaluator_lib
+from diffguide.store.samples import SampleStore
 
 
 @torch.no_grad()

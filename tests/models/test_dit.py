@@ -160,7 +160,9 @@ def test_one_learned_variance_ddpm_step_matches_diffusers_learned_range(dit_fold
 def test_a_learned_variance_trajectory_matches_a_diffusers_learned_range_loop(dit_folder):
     """10 DDPM steps, guidance=none, per-sample noise (Sampler.sample's `noise()`: `torch.randn(shape, generator=g)`
     for each sample's generator g): the loop over DDPMScheduler(variance_type="learned_range").step, one sample at a
-    time with the same generator, to 1e-4."""
+    time with the same generator, to 1e-4 plus 2e-6 of the trajectory's largest value: the random tiny DiT drives
+    the samples to a few hundred, where float32's spacing is 3e-5, and the two loops round in different orders (the
+    error seen here: 2e-4 at a largest value of 474)."""
     model = dit.load(str(dit_folder))
     labels, steps = torch.tensor([3, 999]), 10
     generators = [torch.Generator().manual_seed(20 + k) for k in range(2)]
@@ -175,7 +177,8 @@ def test_a_learned_variance_trajectory_matches_a_diffusers_learned_range_loop(di
         for t in scheduler.timesteps:
             output = model.transformer(x, timestep=t.view(1), class_labels=labels[k:k + 1]).sample
             x = scheduler.step(output, t, x, generator=g).prev_sample
-        assert torch.allclose(ours[k], x[0], atol=1e-4), (ours[k] - x[0]).abs().max()
+        error = (ours[k] - x[0]).abs().max()
+        assert error <= 1e-4 + 2e-6 * x[0].abs().max(), error
     fixed, _ = DDPM(steps, spacing="linspace", clip_x0=False).sample(
         model, NoGuidance(), x_T, labels, [torch.Generator().manual_seed(20 + k) for k in range(2)])
     assert not torch.allclose(fixed, ours, atol=1e-3)

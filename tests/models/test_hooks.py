@@ -202,14 +202,14 @@ def test_unet_attention_identity_matches_diffusers_pag_processor():
     plain forward."""
     model = tiny_unet_model()
     unet = model.unet
-    assert [id(b) for b in model.blocks()] == [id(unet.down_blocks[0].attentions[0]), id(unet.mid_block.attentions[0]),
+    assert [id(b) for b in model.parts().blocks] == [id(unet.down_blocks[0].attentions[0]), id(unet.mid_block.attentions[0]),
                                                id(unet.up_blocks[1].attentions[0]), id(unet.up_blocks[1].attentions[1])]
-    assert all(model.self_attention(b) is b for b in model.blocks())
+    assert all(dict(zip(map(id, model.parts().blocks), model.parts().attention))[id(b)] is b for b in model.parts().blocks)
     pag = copy.deepcopy(model)
-    pag.blocks()[1].set_processor(PAGIdentitySelfAttnProcessor2_0())
+    pag.parts().blocks[1].set_processor(PAGIdentitySelfAttnProcessor2_0())
     with torch.no_grad():
         plain = unet_out(model)
-        with model.perturbed(Perturbation("attention_identity", (1,))):
+        with hooks.network_perturbed(model, Perturbation("attention_identity", (1,))):
             ours = unet_out(model)
         theirs = pag.unet(torch.cat([UNET_X] * 2), torch.tensor([10, 500] * 2),
                           class_labels=torch.tensor([1, 3] * 2)).sample
@@ -223,7 +223,7 @@ def test_unet_skip_block_returns_the_attention_input():
     without = copy.deepcopy(model)
     returns_its_input(without.unet.mid_block.attentions[0])
     with torch.no_grad():
-        with model.perturbed(Perturbation("skip_block", (1,))):
+        with hooks.network_perturbed(model, Perturbation("skip_block", (1,))):
             skipped = unet_out(model)
         torch.testing.assert_close(skipped, unet_out(without), rtol=0, atol=0)
         assert not torch.allclose(skipped, unet_out(model), atol=1e-4)
@@ -231,7 +231,7 @@ def test_unet_skip_block_returns_the_attention_input():
 
 def test_a_model_without_blocks_or_a_bad_index_is_one_clear_line():
     with pytest.raises(UserError) as err:
-        ToyDenoiser().perturbed(Perturbation("attention_identity", (0,)))  # raises at the call, before any `with`
+        hooks.network_perturbed(ToyDenoiser(), Perturbation("attention_identity", (0,)))  # raises at the call, before any `with`
     message = str(err.value)
     assert "\n" not in message and "self-attention blocks" in message and "ToyDenoiser has none" in message
     with pytest.raises(UserError, match=r"block 2 is out of range; model network has 2 blocks \(0\.\.1\)$"):
@@ -250,19 +250,19 @@ def test_latent_dit_perturbed_through_the_denoiser():
                         norm_num_groups=4, sample_size=16)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").config
     model = LatentDiT(net, vae, scheduler).eval()
-    assert model.blocks() == list(net.transformer_blocks)
-    assert all(model.self_attention(b) is b.attn1 for b in model.blocks())
+    assert model.parts().blocks == list(net.transformer_blocks)
+    assert all(dict(zip(map(id, model.parts().blocks), model.parts().attention))[id(b)] is b.attn1 for b in model.parts().blocks)
     without = copy.deepcopy(net)
     returns_its_input(without.transformer_blocks[0])
     reference = LatentDiT(without, vae, scheduler).eval()
     x, labels = INPUTS["hidden_states"], INPUTS["class_labels"]
     with torch.no_grad():
-        plain = model(x, 500, labels)
-        with model.perturbed(Perturbation("skip_block", [0])):
-            skipped = model(x, 500, labels)
-        torch.testing.assert_close(skipped, reference(x, 500, labels))
+        plain = model.predict(x, 500, labels).eps
+        with hooks.network_perturbed(model, Perturbation("skip_block", [0])):
+            skipped = model.predict(x, 500, labels).eps
+        torch.testing.assert_close(skipped, reference.predict(x, 500, labels).eps)
         assert not torch.allclose(skipped, plain, atol=1e-4)
-        assert torch.equal(model(x, 500, labels), plain)
+        assert torch.equal(model.predict(x, 500, labels).eps, plain)
     with pytest.raises(UserError, match="model LatentDiT has 2 blocks"):
-        model.perturbed(Perturbation("attention_identity", (-1,)))
+        hooks.network_perturbed(model, Perturbation("attention_identity", (-1,)))
     assert math.isinf(Perturbation("attention_blur", (0,)).blur_sigma)

@@ -8,11 +8,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffguide import checkpoint
-from diffguide.config import CONF_DIR
+from diffguide.models import hooks
+from diffguide.store import checkpoint
+from diffguide.command.config import CONF_DIR
 from diffguide.models import dit as dit_lib
 from diffguide.models.hooks import Perturbation
-from diffguide.train import diffusion_loss, train_dit
+from diffguide.training.recipes import diffusion_loss, train_dit
 from tests.helpers import ROOT, SCHEDULE, toy_images
 
 TINY_DIT = dict(sample_size=28, in_channels=1, out_channels=1, patch_size=4, num_layers=2, num_attention_heads=2,
@@ -33,7 +34,7 @@ def test_a_fresh_dit_starts_as_the_zero_map_with_dits_own_initialisation():
     torch.manual_seed(0)
     model = dit_lib.build(TINY_DIT, 10, SCHEDULE)
     x, t, y = _inputs()
-    assert torch.equal(model.network_output(x, t, y), torch.zeros(4, 1, 28, 28))
+    assert torch.equal(model.raw_output(x, t, y), torch.zeros(4, 1, 28, 28))
     net = model.transformer
     for block in net.transformer_blocks:
         assert not block.norm1.linear.weight.any() and not block.norm1.linear.bias.any()
@@ -59,9 +60,9 @@ def test_the_network_drops_no_labels_itself_in_training_mode():
             p.data.normal_(0, 0.3)
     model.train()
     x, t, y = _inputs()
-    first = model.network_output(x, t, y)
-    assert torch.equal(first, model.network_output(x, t, y))
-    null = model.network_output(x, t, torch.full_like(y, 10))
+    first = model.raw_output(x, t, y)
+    assert torch.equal(first, model.raw_output(x, t, y))
+    null = model.raw_output(x, t, torch.full_like(y, 10))
     assert not torch.allclose(first, null)
 
 
@@ -79,7 +80,7 @@ def test_training_lowers_the_loss_and_the_checkpoint_reproduces_the_network(tmp_
     expected = copy.deepcopy(model)
     for state in expected.transformer.state_dict().values():  # the checkpoint stores the state dict in fp16
         state.copy_(state.half().float())
-    diff = (reloaded.network_output(x, t, y) - expected.network_output(x, t, y)).abs().max().item()
+    diff = (reloaded.raw_output(x, t, y) - expected.raw_output(x, t, y)).abs().max().item()
     assert diff == 0, diff
     assert reloaded.null_class == 10 and reloaded.sample_shape == (1, 28, 28) and reloaded.data_range == (-1.0, 1.0)
 
@@ -91,12 +92,12 @@ def test_the_perturbation_hooks_act_on_its_blocks_and_leave_it_unchanged():
         if not p.any():
             p.data.normal_(0, 0.3)
     x, t, y = _inputs()
-    before = model.network_output(x, t, y)
-    assert [m is b.attn1 for b, m in zip(model.blocks(), map(model.self_attention, model.blocks()))] == [True, True]
+    before = model.raw_output(x, t, y)
+    assert [m is b.attn1 for b, m in zip(model.parts().blocks, model.parts().attention)] == [True, True]
     for kind in ("attention_identity", "attention_blur", "skip_block"):
-        with model.perturbed(Perturbation(kind, (1,))):
-            assert not torch.allclose(model.network_output(x, t, y), before, atol=1e-4), kind
-        assert torch.equal(model.network_output(x, t, y), before), kind
+        with hooks.network_perturbed(model, Perturbation(kind, (1,))):
+            assert not torch.allclose(model.raw_output(x, t, y), before, atol=1e-4), kind
+        assert torch.equal(model.raw_output(x, t, y), before), kind
 
 
 def test_the_committed_weights_are_the_recipes_network():
@@ -109,5 +110,5 @@ def test_the_committed_weights_are_the_recipes_network():
     assert config["training"]["steps"] == recipe["steps"]
     model = dit_lib.load_pixel(str(ROOT / "diffguide" / "weights" / "fmnist_dit.safetensors"))
     assert sum(p.numel() for p in model.parameters()) == config["training"]["parameters"] == 4605508
-    assert len(model.blocks()) == recipe["dit"]["num_layers"]
+    assert len(model.parts().blocks) == recipe["dit"]["num_layers"]
     assert "dit.load_pixel" in (CONF_DIR / "model" / "fmnist_dit.yaml").read_text()

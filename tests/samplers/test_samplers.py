@@ -31,7 +31,7 @@ def mixture():
 def _diffusers_loop(scheduler, model, x, labels, steps, **step_kwargs):
     scheduler.set_timesteps(steps)
     for t in scheduler.timesteps:
-        eps = model(x, int(t), labels)
+        eps = model.predict(x, int(t), labels).eps
         x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
     return x
 
@@ -211,7 +211,7 @@ def test_classifier_guidance_moves_the_mean_by_the_learned_variance():
     log_var = math.log(sampler.posterior_variance(toy, t, t_next))
     assert torch.allclose(pred.log_variance, torch.full_like(x, log_var))
     a, a_next = toy.alpha(t), toy.alpha(t_next)
-    eps_u = toy(x, t, toy.null_labels(labels))
+    eps_u = toy.predict(x, t, toy.null_labels(labels)).eps
     x0 = (x - (1 - a) ** 0.5 * eps_u) / a ** 0.5
     beta = 1 - a / a_next
     mean = a_next ** 0.5 * beta / (1 - a) * x0 + (a / a_next) ** 0.5 * (1 - a_next) / (1 - a) * x

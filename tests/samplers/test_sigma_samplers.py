@@ -33,7 +33,7 @@ def _vp_loop(scheduler, model, x_T, labels, steps, generator=None):
     for t in scheduler.timesteps:
         sigma = float(scheduler.sigmas[scheduler.index_for_timestep(t)] if scheduler.step_index is None
                       else scheduler.sigmas[scheduler.step_index])
-        eps = model(scheduler.scale_model_input(x, t), model.schedule.at_sigma(sigma), labels)
+        eps = model.predict(scheduler.scale_model_input(x, t), model.schedule.at_sigma(sigma), labels).eps
         kwargs = {"generator": generator} if generator is not None else {}
         x = scheduler.step(eps, t, x, **kwargs).prev_sample
     return x
@@ -89,7 +89,7 @@ def test_dpmpp_2m_sde_matches_diffusers_including_noise(mixture):
     scheduler.set_timesteps(12)
     x = x_theirs
     for t in scheduler.timesteps:
-        x = scheduler.step(mixture(x, int(t), labels), t, x, generator=g_theirs).prev_sample
+        x = scheduler.step(mixture.predict(x, int(t), labels).eps, t, x, generator=g_theirs).prev_sample
     assert torch.allclose(ours, x, atol=1e-4), (ours - x).abs().max()
 
 
@@ -107,7 +107,7 @@ def test_flow_samplers_match_the_flow_matching_schedulers(sampler, scheduler_cla
     x = x_T
     for t in scheduler.timesteps:
         tau = float(t) / 1000
-        v = model.network(x, model.level(tau), labels)
+        v = model._output_at(x, model.level(tau), labels)
         x = scheduler.step(v, t, x).prev_sample
     assert torch.allclose(ours, x, atol=1e-4), (ours - x).abs().max()
 
@@ -219,7 +219,7 @@ def _kdiffusion_2s_ancestral(model, x_T, labels, sigmas, generator, lam=None):
     """k-diffusion's sample_dpmpp_2s_ancestral, and with lam the CFG++ form of ComfyUI's
     comfy/k_diffusion/sampling.py sample_dpmpp_2s_ancestral_cfg_pp, line for line in EDM coordinates:
         x_2 = (sigma_fn(s) / sigma_fn(t)) * (x + (denoised - temp[0])) - (-h * r).expm1() * denoised
-        denoised_2 = model(x_2, sigma_fn(s) * s_in, **extra_args)
+        denoised_2 = model.predict(x_2, sigma_fn(s) * s_in, **extra_args).eps
         x = (sigma_fn(t_next) / sigma_fn(t)) * (x + (denoised - temp[0])) - (-h).expm1() * denoised_2
     (without CFG++, temp[0] = denoised), the model D(x, sigma) being the mixture's x0 at that sigma."""
     def model_fn(x, sigma):

@@ -8,8 +8,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from omegaconf import OmegaConf
 
-from diffguide.cli import check_point
-from diffguide.config import CONF_DIR
+from diffguide.command.checks import check_point
+from diffguide.command.config import CONF_DIR
 from diffguide.errors import UserError
 from diffguide.guidance.base import GuidedPrediction
 from diffguide.guidance.cfg import CFG
@@ -96,7 +96,7 @@ def test_ddim_trajectory_equals_diffusers_with_thresholding(pixel_mixture):
     scheduler.set_timesteps(20)
     x, null = x_T, pixel_mixture.null_labels(labels)
     for t in scheduler.timesteps:
-        eps_c, eps_u = pixel_mixture(x, int(t), labels), pixel_mixture(x, int(t), null)
+        eps_c, eps_u = pixel_mixture.predict(x, int(t), labels).eps, pixel_mixture.predict(x, int(t), null).eps
         x = scheduler.step(eps_u + 4.0 * (eps_c - eps_u), t, x, eta=0.0, use_clipped_model_output=True).prev_sample
     assert torch.allclose(ours, x, atol=1e-5), (ours - x).abs().max()
     assert not torch.allclose(ours, static, atol=1e-2)  # the thresholding acted

@@ -1,0 +1,172 @@
+"""The command-line mistakes a user can make with `python -m diffguide.run`: one list for tests/test_config_errors.py
+(every case not marked slow in `make test`, the rest in `make test-slow`) and scripts/fault_matrix.py (its `user`
+rows: a script may read the tests' data; no test imports scripts/). Each case runs as its own process, as a user
+types it, with a small run's settings before it (steps, batch size, sample count) and its own out_dir."""
+
+from dataclasses import dataclass, field
+
+from tests.helpers import ROOT
+
+WEIGHTS = ROOT / "diffguide" / "weights"
+
+
+@dataclass(frozen=True)
+class Mistake:
+    name: str
+    args: list[str]
+    #: a phrase the one stderr line must hold (None: any `diffguide: error:` line)
+    phrase: str | None
+    #: the exit status (None: any non-zero exit, for paths and the environment)
+    status: int | None = 2
+    #: extra environment; a value None removes the variable
+    env: dict = field(default_factory=dict)
+    #: the case is about the metric: the fault matrix scores it (its metric.cache_root=), else it sets metric=none
+    metric: bool = False
+    #: in `make test-slow` only
+    slow: bool = False
+
+
+MISTAKES: list[Mistake] = [
+    Mistake("group option", ["guidance=bogus"],
+            "guidance=bogus is not an option"),
+    Mistake("schedule kind", ["guidance.schedule=rising"],
+            "schedule kind 'rising' is not one of constant, linear"),
+    Mistake("dynamic threshold", ["sampler.dynamic_threshold=2"],
+            "sampler.dynamic_threshold must be a fraction"),
+    Mistake("perturbation on the mixture", ["model=gmm", "guidance=pag", "metric=none"],
+            "model=gmm is an exact Gaussian mixture with no network"),
+    Mistake("perturbed block out of range", ["guidance=pag", "guidance.blocks=[5]"],
+            "block 5 is out of range"),
+    Mistake("diffusion classifier pairs", ["guidance=offshelf", "classifier=fmnist_diffusion", "classifier.n_pairs=0"],
+            "classifier.n_pairs=0: use a whole number >= 1"),
+    Mistake("diffusion classifier on a flow model", ["model=fmnist_flow", "guidance=offshelf", "classifier=fmnist_diffusion"],
+            "the Diffusion Classifier needs a discrete-time model"),
+    Mistake("ppap experts missing", ["guidance=classifier", "classifier=fmnist_ppap", "classifier.weights=/nope.safetensors"],
+            "no such file (train it with"),
+    Mistake("group option lists choices", ["sampler=ddmi"],
+            "choose one of: ddim, ddpm, dpmpp_2m"),
+    Mistake("launcher option", ["hydra/launcher=bogus"],
+            "hydra/launcher=bogus is not an option"),
+    Mistake("unknown key", ["foo=1"],
+            "foo is not a key"),
+    Mistake("key typo", ["stpes=5"],
+            "stpes is not a key (did you mean steps?)"),
+    Mistake("nested key typo", ["guidance.scael=2"],
+            "guidance.scael is not a key (did you mean scale?)"),
+    Mistake("key of another sampler", ["sampler=ddpm", "sampler.eta=nan"],
+            "sampler.eta is not a key"),
+    Mistake("appended key", ["+guidance.bogus=1"],
+            "guidance.bogus is not a key of CFG"),
+    Mistake("enum value", ["precision=fp8"],
+            "expected one of [fp32, bf16, fp16]"),
+    Mistake("bool key", ["sampler.clip_x0=maybe"],
+            "sampler.clip_x0='maybe': expected true or false"),
+    Mistake("float key", ["guidance=cfg_interval", "guidance.sigma_hi=abc"],
+            "guidance.sigma_hi='abc': expected a number"),
+    Mistake("empty int", ["steps="],
+            "steps:"),
+    Mistake("empty float", ["scale="],
+            "scale:"),
+    Mistake("not an int", ["steps=abc"],
+            "could not be converted to Integer"),
+    Mistake("override syntax", ["scale=1,"],
+            "cannot parse the overrides"),
+    Mistake("negative steps", ["steps=-5"],
+            "steps must be >= 1"),
+    Mistake("no samples", ["num_samples=0"],
+            "num_samples must be >= 1"),
+    Mistake("nan scale", ["scale=nan"],
+            "scale must be a finite number"),
+    Mistake("seed past 2^64", ["seed=18446744073709551615"],
+            "seed + num_samples - 1 must be <="),
+    Mistake("mps", ["device=mps"],
+            "no mps device"),
+    Mistake("cuda", ["device=cuda:3"],
+            "no CUDA GPU"),
+    Mistake("out_dir is a file", ["out_dir=" + str(ROOT / "README.md")],
+            "it is a file, not a folder"),
+    Mistake("out_dir under /proc", ["out_dir=/proc/diffguide-test"],
+            "cannot be used as the output folder"),
+    Mistake("missing weights", ["model.weights=/nowhere/unet.safetensors"],
+            "weights file not found"),
+    Mistake("weights not safetensors", [f"model.weights={ROOT / 'README.md'}"],
+            "not a whole safetensors file"),
+    Mistake("missing weak model", ["guidance=autoguidance", "guidance.weak_model.weights=/nowhere/weak.safetensors"],
+            "weights file not found: /nowhere/weak.safetensors"),
+    Mistake("missing evaluator", ["metric.evaluator=/nowhere/e.safetensors"],
+            "weights file not found", metric=True),
+    Mistake("reference name", ["metric.reference=bogus"],
+            "use train, test, or the path of an .npz", metric=True),
+    Mistake("too few samples for the metric", ["num_samples=3"],
+            "metric.prc needs more than 3 samples", metric=True),
+    Mistake("metric batch size", ["metric.batch_size=0"],
+            "metric.batch_size", metric=True),
+    Mistake("kid subset size", ["metric.kid_subset_size=1"],
+            "metric.kid_subset_size", metric=True),
+    Mistake("bootstrap replicates", ["metric.bootstrap=-1"],
+            "metric.bootstrap=-1: use an integer >= 0 (0: no intervals)", metric=True),
+    Mistake("fid_inf flag", ["metric.fid_inf=maybe"],
+            "metric.fid_inf='maybe': use true or false", metric=True),
+    Mistake("class-accuracy floor", ["tune.min_class_accuracy=high"],
+            "tune.min_class_accuracy"),
+    Mistake("search space", ["-m", "hydra/sweeper=tune", "scale=interval(1,nan)"],
+            "scale=nan: scale must be a finite"),
+    Mistake("cfg on a distilled student", ["model=fmnist_guided_student", "guidance=cfg"],
+            "guidance=cfg does not apply to a guidance-distilled student"),
+    Mistake("distilled on a plain model", ["guidance=distilled"],
+            "guidance=distilled needs a guidance-distilled student"),
+    Mistake("progressive student at other steps", ["model=fmnist_guided_student_8step"],
+            "run it with steps=8"),
+    Mistake("scale outside a student's range", ["model=fmnist_guided_student", "scale=6"],
+            "scale=6 is outside the scales this student was trained on"),
+    Mistake("lora student without its teacher", ["model=fmnist_guided_student_lora", "model.teacher=/nowhere/t.safetensors"],
+            "model.teacher: weights file not found: /nowhere/t.safetensors"),
+    Mistake("lora student on another teacher", ["model=fmnist_guided_student_lora",
+                                          f"model.teacher={WEIGHTS / 'fmnist_unet_weak.safetensors'}"],
+            "is not the teacher this LoRA student was trained on"),
+    Mistake("sampler spacing", ["sampler.spacing=sideways"],
+            "spacing 'sideways'"),
+    Mistake("too many steps", ["steps=5000"],
+            "exceeds the model's 1000 training timesteps"),
+    Mistake("classifier of another model", ["model=gmm", "guidance=classifier", "metric=none"],
+            "gmm_exact for guidance=classifier"),
+    Mistake("gfcg base", ["guidance=gfcg", "guidance.base=sideways"],
+            "base 'sideways'"),
+    Mistake("universal recurrence", ["guidance=universal", "guidance.recurrence=0"],
+            "recurrence must be a whole number"),
+    Mistake("hub folder", ["model=ddpm_cifar10", "model.source=/nowhere/ddpm", "metric=none"],
+            "model.source=/nowhere/ddpm: no such folder"),
+    # no network and no HF_HUB_OFFLINE: the hub is found unreachable in seconds, not after a minute of retries
+    Mistake("hub unreachable", ["model=ddpm_cifar10", "model.source=someone/ddpm", "metric=none"],
+            "could not be reached", env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0",
+                                 "HF_HOME": "{tmp}/hf"}),
+    Mistake("sweep: one bad point", ["-m", "scale=1,nan"],
+            "scale=nan: scale must be a finite number"),
+    # ---- also in the fault matrix's audit; in `make test-slow` (the suite's time), each a subprocess
+    *[Mistake(name, args, phrase, slow=True, **kw) for name, args, phrase, kw in [
+        ("steps=-1", ["steps=-1"], "steps must be >= 1", {}),
+        ("steps=2.5", ["steps=2.5"], "steps", {}),
+        ("batch_size=0", ["batch_size=0"], "batch_size must be >= 1", {}),
+        ("seed=-1", ["seed=-1"], "seed must be >= 0", {}),
+        ("scale=inf", ["scale=inf"], "scale must be a finite number", {}),
+        ("guidance.scale=abc", ["guidance.scale=abc"], "guidance.scale", {}),
+        ("grid_size=-1", ["grid_size=-1"], "grid_size must be >= 0", {}),
+        ("device=cuda", ["device=cuda"], "no CUDA GPU", {}),
+        ("device=tpu", ["device=tpu"], "device", {}),
+        ("device=cuda:99", ["device=cuda:99"], "no CUDA GPU", {}),
+        ("model=bogus", ["model=bogus"], "model=bogus is not an option", {}),
+        ("sampler=bogus", ["sampler=bogus"], "sampler=bogus is not an option", {}),
+        ("logger=bogus", ["logger=bogus"], "logger=bogus is not an option", {}),
+        ("metric=bogus", ["metric=bogus"], "metric=bogus is not an option", {"metric": True}),
+        ("classifier=bogus", ["classifier=bogus"], "classifier=bogus is not an option", {}),
+        ("--config-name=bogus", ["--config-name=bogus"], None, {"status": None}),
+        ("guidance=classifier classifier=none", ["guidance=classifier", "classifier=none"], "classifier", {}),
+        ("guidance=offshelf classifier=none", ["guidance=offshelf", "classifier=none"], "classifier", {}),
+        ("cfg_interval sigma_lo=5 (above sigma_hi)", ["guidance=cfg_interval", "guidance.sigma_lo=5"],
+         "needs 0 <= sigma_lo < sigma_hi", {}),
+        ("out_dir under /sys (read-only)", ["out_dir=/sys/diffguide_x/run"], "cannot be used as the output folder",
+         {"status": None}),
+        ("metric.isc_splits=0", ["metric.isc_splits=0"], "metric.isc_splits", {"metric": True}),
+        ("metric=inception on fmnist (no network)", ["metric=inception"], None, {"metric": True, "status": None}),
+    ]],
+]
