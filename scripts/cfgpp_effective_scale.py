@@ -1,10 +1,7 @@
 """CFG++'s guidance, read as CFG's: the effective CFG weight of each CFG++ DDIM step.
 
-In EDM coordinates (x / sqrt(a), sigma = sqrt((1 - a) / a)), one CFG++ DDIM step from sigma to sigma_next is
-    x_next = x - (sigma - sigma_next) eps_u - sigma lambda (eps_c - eps_u),
-and one CFG step with weight w is x - (sigma - sigma_next) (eps_u + w (eps_c - eps_u)): the two are the same step when
-    w_t = lambda sigma / (sigma - sigma_next)
-(before clipping of x0). Prints w_t at every step of the embedded model's DDIM trajectory for each lambda, their
+One CFG++ DDIM step is a CFG step at w_t = lambda sigma / (sigma - sigma_next) (diffguide/samplers/effective_scale.py
+works it out). Prints w_t at every step of the embedded model's DDIM trajectory for each lambda, their
 median, the number of steps below w = 1 (weaker than the conditional model), and the lambda whose median w_t equals
 each CFG weight asked for, so that CFG++ and CFG can be compared at matched effective guidance.
 
