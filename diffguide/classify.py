@@ -25,7 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from diffguide.store import atomic
 from diffguide.store import checkpoint
 from diffguide.command import checks
-from diffguide.command import wrapper
+from diffguide.command import config, wrapper
 from diffguide.classifiers import diffusion
 from diffguide.data import fashion_mnist
 from diffguide.metrics import intervals
@@ -40,7 +40,7 @@ Z95 = 1.959963984540054
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """conf/classify.yaml with the overrides."""
-    return wrapper.compose_config(CONFIG_NAME, overrides)
+    return config.compose_config(CONFIG_NAME, overrides)
 
 
 def _whole(cfg, key: str, least: int, none_ok: bool = False):

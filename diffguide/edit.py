@@ -35,7 +35,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from diffguide.store import atomic
 from diffguide.store import checkpoint
 from diffguide.command import checks
-from diffguide.command import wrapper
+from diffguide.command import config, wrapper
 from diffguide.data import fashion_mnist
 from diffguide.editing import inversion as inv
 from diffguide.errors import UserError, instantiate
@@ -52,7 +52,7 @@ SIZE = (28, 28)
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """conf/edit.yaml with the overrides."""
-    return wrapper.compose_config(CONFIG_NAME, overrides)
+    return config.compose_config(CONFIG_NAME, overrides)
 
 
 # --- settings ---------------------------------------------------------------------------------------------------------

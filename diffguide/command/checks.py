@@ -15,15 +15,13 @@ import types
 import typing
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException, MissingConfigException, OverrideParseException
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from diffguide.command.config import CONF_DIR, register, validate
+from diffguide.command.config import compose_config, validate
 from diffguide.errors import UserError
 
 #: instantiate's own keys, never constructor arguments
@@ -74,13 +72,8 @@ def _search_space(override) -> list[tuple[str, bool]]:
 
 
 def compose_point(overrides: list[str]) -> DictConfig:
-    register()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            return compose("config", overrides=overrides, return_hydra_config=True)
-    finally:
-        GlobalHydra.instance().clear()
+    """One point of `python -m diffguide.run` (conf/config.yaml) with its overrides."""
+    return compose_config("config", overrides)
 
 
 def causes(exc: BaseException):

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from diffguide.errors import UserError
@@ -78,6 +80,18 @@ def register() -> None:
     OmegaConf.register_new_resolver("dg.or", _first_not_null, replace=True)
     OmegaConf.register_new_resolver("dg.job_dirname", job_dirname, replace=True)
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
+    """conf/CONFIG_NAME.yaml with the overrides, by Hydra's compose API (the hydra node included, for the run folder);
+    Hydra's global state is left as it was found."""
+    register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return compose(config_name, overrides=overrides, return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
 
 
 #: sample i is seeded with seed + i, a 64-bit generator seed

@@ -6,25 +6,12 @@ import errno
 import sys
 from typing import Callable
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffguide.command import checks
-from diffguide.command.config import CONF_DIR, register
+from diffguide.command.config import compose_config
 from diffguide.errors import UserError
-
-
-def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
-    """conf/CONFIG_NAME.yaml with the overrides (the hydra node included, for the run folder)."""
-    register()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            return compose(config_name, overrides=overrides, return_hydra_config=True)
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def _keys(config_name: str, overrides: list[str], parent: str) -> list[str]:

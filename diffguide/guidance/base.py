@@ -89,8 +89,8 @@ class Guidance:
     neutral_scale: float = 1.0
 
     def set_schedule(self, schedule) -> None:
-        """Take the `schedule` key of a CFG-like method's config (None: the constant scale). Every method with a
-        CFG-like scale calls this in __init__ (after setting its scale) and reads its scale at a step through
+        """Take the `schedule` key of a CFG-like method's config (None: the constant scale). CFGLike.__init__
+        calls this (after setting the scale); every method with a CFG-like scale reads its scale at a step through
         `weight`. A bad kind or key is refused here, in one line."""
         self.schedule = weights.make(self.name, schedule, self.neutral_scale)
 
