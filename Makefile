@@ -43,9 +43,9 @@ method-table:
 # guidance distillation (README "Distilled students"): stage 1, progressive rounds 16 -> 8 -> 4 steps, the LoRA
 # student, then the table against CFG and the FID-vs-NFE plot (about 90 min on a 2-core CPU)
 distill:
-	$(PYTHON) -m diffguide.train train=fmnist_guided_student
-	$(PYTHON) -m diffguide.train train=fmnist_progressive
-	$(PYTHON) -m diffguide.train train=fmnist_guided_student_lora
+	$(PYTHON) -m diffguide.train train=fmnist_guided_student train.out=shipped train.overwrite=true
+	$(PYTHON) -m diffguide.train train=fmnist_progressive train.out=shipped train.overwrite=true
+	$(PYTHON) -m diffguide.train train=fmnist_guided_student_lora train.out=shipped train.overwrite=true
 	$(MAKE) distill-table
 
 distill-table:
@@ -79,8 +79,8 @@ default-run:
 	$(PYTHON) -m diffguide.run
 
 train:
-	$(PYTHON) -m diffguide.train train=fmnist_evaluator
-	$(PYTHON) -m diffguide.train train=fmnist_unet
+	$(PYTHON) -m diffguide.train train=fmnist_evaluator train.out=shipped train.overwrite=true
+	$(PYTHON) -m diffguide.train train=fmnist_unet train.out=shipped train.overwrite=true
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -18,3 +18,12 @@ def instantiate(node):
         if cause is not None:
             raise cause from None
         raise
+
+
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C a command has answered: `message` says what was kept and how to go on (the entry point prints it as
+    its one line and exits 130)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message

@@ -1,6 +1,7 @@
 """The plumbing the secondary commands share (`python -m diffguide.classify`, `python -m diffguide.edit`): their own
 primary config composed with Hydra's compose API (no `.hydra/` folder, no multirun: one job per command), and every
-user error as one line on stderr with exit 2 (Ctrl-C: one line, exit 130), as `diffguide.run` promises."""
+user error as one line on stderr with exit 2 (Ctrl-C: one line, exit 130: what was kept, where the command has
+said so by raising `errors.Interrupted`), as `diffguide.run` promises."""
 
 import errno
 import sys
@@ -11,7 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from diffguide.command import checks
 from diffguide.command.config import compose_config
-from diffguide.errors import UserError
+from diffguide.errors import Interrupted, UserError
 
 
 def _keys(config_name: str, overrides: list[str], parent: str) -> list[str]:
@@ -75,13 +76,15 @@ def entry(argv: list[str] | None, config_name: str, usage: str, keys_help: str, 
         except Exception as exc:
             from hydra.errors import InstantiationException
 
-            if any(isinstance(e, KeyboardInterrupt) for e in checks.causes(exc)):
-                raise KeyboardInterrupt from None
+            interrupted = next((e for e in checks.causes(exc) if isinstance(e, KeyboardInterrupt)), None)
+            if interrupted is not None:
+                raise interrupted from None
             if isinstance(exc, InstantiationException):
                 raise UserError(checks.describe(exc, argv)) from None
             raise
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr, flush=True)
+    except KeyboardInterrupt as exc:
+        print(exc.message if isinstance(exc, Interrupted) else "interrupted: nothing was written", file=sys.stderr,
+              flush=True)
         return 130
     except UserError as exc:
         print(f"diffguide: error: {str(exc).splitlines()[0]}", file=sys.stderr)

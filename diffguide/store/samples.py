@@ -4,15 +4,12 @@ Sample i starts from noise drawn with seed `seed + i` and keeps its own generato
 depends on neither the batch size nor the split of the work, and a rerun can make exactly the missing ones.
 """
 
-import fcntl
 import hashlib
 import io
 import json
 import os
 import re
-import socket
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -23,6 +20,7 @@ from PIL import Image, PngImagePlugin
 
 from diffguide.store.checkpoint import atomic_write_bytes, atomic_write_text, clean_stale_temps
 from diffguide.errors import UserError
+from diffguide.store.lock import FolderLock
 
 _NAME = re.compile(r"^(\d{6,})\.png$")
 META_KEY = "diffguide"
@@ -152,8 +150,8 @@ class SampleStore:
         self.out_dir = Path(out_dir)
         self.dir = self.out_dir / "samples"
         self.fingerprint_path = self.out_dir / "sampling.json"
-        self.lock_path = self.out_dir / ".diffguide.lock"
-        self._lock_fd: int | None = None
+        self._lock = FolderLock(self.out_dir)
+        self.lock_path = self._lock.path
         #: the digest of the settings (`claim`), written into every sample's metadata
         self.run_id: str | None = None
 
@@ -161,28 +159,13 @@ class SampleStore:
         return self.dir / f"{index:06d}.png"
 
     def lock(self) -> None:
-        """Hold the run folder for this process until `release` (or its exit: the kernel drops a dead holder's
-        flock, so a killed run never leaves the folder stuck). flock works across the nodes of NFS v4 and of Lustre
-        or GPFS mounted with their flock option. A second run on the same folder stops with one line that names the
-        holder; the ranks of one multi-process run share the lock their rank 0 took."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise UserError(f"{self.out_dir} is in use by another diffguide run ({holder}); wait for it to finish, "
-                            f"or use another out_dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-        self._lock_fd = fd
+        """Hold the run folder for this process until `release` (store.lock.FolderLock: a killed run never leaves
+        it stuck); a second run on the same folder stops with one line that names the holder; the ranks of one
+        multi-process run share the lock their rank 0 took."""
+        self._lock.acquire()
 
     def release(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
 
     def clean(self) -> int:
         """Remove the temp files a killed run left in the run folder and in samples/ (only dead writers')."""

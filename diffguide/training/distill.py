@@ -15,14 +15,13 @@ LoRA variant ("LoRA-Enhanced Distillation on Guided Diffusion Models", arXiv 231
   x0 form, as Meng et al. use it), at w ~ U(w_range). Every round's student is written.
 """
 
-import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from diffguide.store import checkpoint
 from diffguide.errors import UserError
@@ -32,7 +31,7 @@ from diffguide.models import unet as unet_lib
 from diffguide.models.schedules import CLEAN, Level
 from diffguide.runtime.device import resolve_precision
 from diffguide.samplers.ddim import DDIM
-from diffguide.training.loop import train_loop, ema_of, noised, write_card
+from diffguide.training.loop import ema_of, noised, train_loop
 from diffguide.data.fashion_mnist import to_model_range
 
 
@@ -71,15 +70,6 @@ def two_step_target(predict, x_t: torch.Tensor, t: Level, t_mid: Level, t_next: 
     return target if data_range is None else target.clamp(*data_range)
 
 
-def _save_student(student, out: str, ema_swap, stats: dict) -> None:
-    """Write the EMA student (not the live one) to `out`."""
-    ema_swap()
-    try:
-        student_lib.save(student, Path(out), extra={"training": stats})
-    finally:
-        ema_swap()
-
-
 def train_guided_student(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
                          test=None, log=print):
     """Stage 1 (see the module's docstring). Returns the (EMA) student and its training stats."""
@@ -99,7 +89,7 @@ def train_guided_student(cfg: DictConfig, images: torch.Tensor, labels: torch.Te
     student.to(device).train()
     student.set_precision(resolve_precision(cfg.precision))
     trainable = {k: p for k, p in student.unet.named_parameters() if p.requires_grad}
-    update, swap = ema_of(trainable, cfg.ema_decay)
+    ema = ema_of(trainable, cfg.ema_decay)
     x_all = to_model_range(images)
     lo, hi = (float(v) for v in cfg.w_range)
 
@@ -114,12 +104,11 @@ def train_guided_student(cfg: DictConfig, images: torch.Tensor, labels: torch.Te
         return F.mse_loss(student.guided_output(x_t, t, y, w).float(), target)
 
     card = {"teacher_file": Path(teacher_file).name, "w_range": [lo, hi], **student_lib.parameter_counts(student)}
-    stats = train_loop(cfg, trainable.values(), batch_loss, device, log, clip_grad_norm=1.0, after_step=update,
-                        save_checkpoint=lambda s: _save_student(student, cfg.out, swap, {**s, **card}),
-                        checkpoint_every=cfg.checkpoint_every)
+    stats = train_loop(cfg, trainable.values(), batch_loss, device, log, clip_grad_norm=1.0, after_step=ema.update,
+                       keep=ema.shadow)
     stats.update(card)
-    _save_student(student, cfg.out, swap, stats)
-    swap()
+    ema.swap()  # the EMA student (not the live one) is written and returned
+    student_lib.save(student, Path(cfg.out), extra={"training": stats})
     return student.eval(), stats
 
 
@@ -177,8 +166,8 @@ def train_progressive(cfg: DictConfig, images: torch.Tensor, labels: torch.Tenso
                       test=None, log=print):
     """Stage 2 (see the module's docstring): cfg.rounds lists the students' step counts, each half the one before
     (the first teacher, cfg.student, runs 2 x rounds[0] steps); cfg.steps training steps per round; every round's
-    student is written to `out_path(cfg.out, steps)` with its card. Returns the last student and every round's
-    stats."""
+    student is written to `out_path(cfg.out, steps)` (its card by `python -m diffguide.train`). Returns the last
+    student and every round's stats."""
     rounds = [int(r) for r in cfg.rounds]
     _check_weighting(cfg.get("weighting", "snr"))
     if not rounds or any(b * 2 != a for a, b in zip(rounds, rounds[1:])) or rounds[-1] < 1:
@@ -195,7 +184,7 @@ def train_progressive(cfg: DictConfig, images: torch.Tensor, labels: torch.Tenso
         student = student_lib.copy_student(teacher, trained_steps=steps).to(device).train().requires_grad_(True)
         student.set_precision(resolve_precision(cfg.precision))
         trainable = dict(student.unet.named_parameters())
-        update, swap = ema_of(trainable, cfg.ema_decay)
+        ema = ema_of(trainable, cfg.ema_decay)
 
         def batch_loss(generator, student=student, student_levels=student_levels, teacher_levels=teacher_levels,
                        teacher=teacher):
@@ -214,18 +203,12 @@ def train_progressive(cfg: DictConfig, images: torch.Tensor, labels: torch.Tenso
                 "teacher_file": Path(str(cfg.student)).name if steps == rounds[0]
                 else Path(out_path(str(cfg.out), 2 * steps)).name}
         log(f"round: {2 * steps} -> {steps} DDIM steps")
-        stats = train_loop(cfg, trainable.values(), batch_loss, device, log, clip_grad_norm=1.0, after_step=update,
-                            save_checkpoint=lambda s, out=out, swap=swap, student=student, card=card:
-                            _save_student(student, out, swap, {**s, **card}),
-                            checkpoint_every=cfg.checkpoint_every)
+        stats = train_loop(cfg, trainable.values(), batch_loss, device, log, clip_grad_norm=1.0,
+                           after_step=ema.update, keep=ema.shadow)
         stats.update(card)
-        _save_student(student, out, swap, stats)
-        swap()
-        round_cfg = copy.deepcopy(cfg)
-        OmegaConf.set_struct(round_cfg, False)
-        round_cfg.out = out
-        card_path = write_card(round_cfg, stats)
-        log(f"wrote {out} and {card_path}")
+        ema.swap()  # the EMA student is this round's result and the next round's teacher
+        student_lib.save(student, Path(out), extra={"training": stats})
+        log(f"wrote {out}")
         all_stats[f"{steps}step"] = stats
         log(json.dumps(stats))
         teacher = student.eval().requires_grad_(False)

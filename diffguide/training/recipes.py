@@ -70,7 +70,7 @@ def train_dit(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, devic
 def _train_denoiser(cfg: DictConfig, model, network: torch.nn.Module, save_model, images: torch.Tensor,
                     labels: torch.Tensor, device: torch.device, log) -> tuple:
     """The denoisers' recipe: `network` (the model's trainable module) trained on the eps (or flow) loss, its EMA
-    written by `save_model(model, path, extra)` every cfg.checkpoint_every steps and at the end."""
+    written by `save_model(model, path, extra)` at the end."""
     model = model.to(device).train().requires_grad_(True)
     model.set_precision(resolve_precision(cfg.precision))
     x_all = to_model_range(images)
@@ -80,20 +80,11 @@ def _train_denoiser(cfg: DictConfig, model, network: torch.nn.Module, save_model
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=generator)
         return loss_fn(model, x_all[idx].to(device), labels[idx].to(device), cfg.label_dropout, generator)
 
-    update_ema, swap_ema = ema_of(dict(network.named_parameters()), cfg.ema_decay)
-
-    def save(stats):
-        """Write the EMA network (not the live one) to cfg.out."""
-        swap_ema()
-        try:
-            save_model(model, Path(cfg.out), extra={"training": stats})
-        finally:
-            swap_ema()
-
+    ema = ema_of(dict(network.named_parameters()), cfg.ema_decay)
     stats = train_loop(cfg, network.parameters(), batch_loss, device, log, clip_grad_norm=1.0,
-                        after_step=update_ema, save_checkpoint=save, checkpoint_every=cfg.checkpoint_every)
-    save(stats)
-    swap_ema()  # the returned model is the EMA one
+                       after_step=ema.update, keep=ema.shadow)
+    ema.swap()  # the EMA network (not the live one) is written to cfg.out and returned
+    save_model(model, Path(cfg.out), extra={"training": stats})
     return model, stats
 
 
