@@ -25,6 +25,7 @@ import csv
 import io
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -40,10 +41,12 @@ SHOWN = [("fid", "{:.2f}"), ("fid_inf", "{:.2f}"), ("class_accuracy", "{:.3f}"),
          ("recall", "{:.3f}"), ("isc", "{:.2f}"), ("kid", "{:.4f}")]
 
 
-def collect(sweep: Path) -> list[dict]:
-    """One row per point under `sweep` (its report folder left out): the finished ones, then the failed ones."""
+def collect(sweep: Path) -> tuple[list[dict], list[results.Skipped]]:
+    """One row per point under `sweep` (its report folder left out): the finished ones, then the failed ones; and the
+    result files that could not be read (each with why)."""
     rows = []
-    for point in results.read(sweep, skip=frozenset({"report"})):
+    points, skipped = results.read(sweep, skip=frozenset({"report"}))
+    for point in points:
         row = {k: v for k, v in point.record.items() if not isinstance(v, (dict, list))}
         row.update(status=point.status, job=str(point.folder.relative_to(sweep)), _dir=str(point.folder))
         config = point.record.get("config") or {}
@@ -52,9 +55,11 @@ def collect(sweep: Path) -> list[dict]:
             row["seed"] = config["seed"]
         if point.status == "done":
             guidance_cfg = (point.record.get("config") or {}).get("guidance") or {}
+            if not isinstance(guidance_cfg, dict):
+                guidance_cfg = {}
             row.update(reason="", _settings={k: v for k, v in guidance_cfg.items() if k not in ("scale", "_target_")})
         rows.append(row)
-    return rows
+    return rows, skipped
 
 
 def model_name(config: dict) -> str | None:
@@ -151,8 +156,26 @@ def aggregate(points: list[dict], name: str) -> tuple[float, float, float, float
 
 
 def _stats(point: dict) -> intervals.PointStats | None:
+    """The point's per-sample statistics; None where it has none, or where its features.npz cannot be read (then
+    `point["_unreadable"]` says why, and the point is reported without paired differences)."""
     path = Path(point["_dir"]) / "features.npz"
-    return intervals.PointStats.load(path) if path.is_file() else None
+    if not path.is_file() or point.get("_unreadable"):
+        return None
+    try:
+        return intervals.PointStats.load(path)
+    except (OSError, ValueError) as exc:
+        point["_unreadable"] = results.Skipped(path, str(exc).splitlines()[0])
+        return None
+
+
+def safe_name(label: str) -> str:
+    """A file-name part from text a run folder gave (a method's name, its settings): letters, digits and ._+=-
+    only, no leading dot, at most 80 characters (then a digest of the whole, so two long labels stay apart).
+    Nothing read from a results file becomes a path."""
+    import hashlib
+
+    name = re.sub(r"[^A-Za-z0-9._+=-]+", "_", label).lstrip("._-") or "method"
+    return f"{name[:80]}-{hashlib.sha256(label.encode()).hexdigest()[:8]}" if len(name) > 80 else name
 
 
 def differences(points: list[dict], baseline: list[dict], replicate_count: int = 1000) -> dict[str, tuple]:
@@ -397,9 +420,16 @@ def sample_grids(groups: dict[str, list[dict]], out: Path, per_row: int = 10) ->
         strips = []
         for point in points:
             folder = Path(point["_dir"])
-            files = sorted((folder / "samples").glob("*.png"))[:per_row]
-            if files:
-                strips.append([Image.open(f).convert("RGB") for f in files])
+            images = []
+            for f in sorted((folder / "samples").glob("*.png"))[:per_row]:
+                try:
+                    with Image.open(f) as image:
+                        images.append(image.convert("RGB"))
+                except (OSError, ValueError) as exc:  # PIL's errors for a damaged file are OSErrors
+                    point.setdefault("_damaged_samples", []).append(results.Skipped(f, f"not a whole PNG "
+                                                                                      f"({type(exc).__name__})"))
+            if images:
+                strips.append(images)
         if not strips:
             continue
         w, h = strips[0][0].size
@@ -409,7 +439,7 @@ def sample_grids(groups: dict[str, list[dict]], out: Path, per_row: int = 10) ->
                 grid.paste(image.resize((w, h)), (c * w, r * h))
         buffer = io.BytesIO()
         grid.save(buffer, format="PNG")
-        path = out / f"samples_{label.replace(' ', '_').replace('=', '-')}.png"
+        path = out / f"samples_{safe_name(label.replace(' ', '_').replace('=', '-'))}.png"
         atomic_write_bytes(path, buffer.getvalue())
         written.append(path)
     return written
@@ -450,21 +480,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default="cfg",
                         help="METHOD (its lowest-FID point) or METHOD@SCALE; '' for no differences (default: cfg)")
     def refuse(message):  # argparse would print its usage block too: one line, as the run command answers
-        print(f"error: {message} (usage: python -m diffguide.report SWEEP_DIR [--out DIR] [--baseline METHOD[@SCALE]])",
+        print(f"diffguide: error: {message} (usage: python -m diffguide.report SWEEP_DIR [--out DIR] [--baseline METHOD[@SCALE]])",
               file=sys.stderr)
         sys.exit(2)
 
     parser.error = refuse
     args = parser.parse_args(argv)
     if not args.sweep.is_dir():
-        print(f"error: {args.sweep} is not a folder", file=sys.stderr)
+        print(f"diffguide: error: {args.sweep} is not a folder", file=sys.stderr)
         return 2
-    rows = collect(args.sweep)
+    rows, skipped = collect(args.sweep)
+    for item in skipped:
+        print(f"diffguide: warning: skipped {item.path}: {item.why}", file=sys.stderr)
     if not rows:
-        print(f"error: no {results.METRICS} or {results.FAILED} under {args.sweep}", file=sys.stderr)
+        print(f"diffguide: error: no readable {results.METRICS} or {results.FAILED} under {args.sweep}", file=sys.stderr)
         return 2
     out = args.out or args.sweep / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"diffguide: error: --out {out} cannot be made ({exc.strerror or type(exc).__name__})", file=sys.stderr)
+        return 2
     done = [r for r in rows if r["status"] == "done"]
     text, notes = report(done, args.baseline) if done else ("", [])
     write_csv(rows, out / "report.csv")
@@ -485,7 +521,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  failed: {row['job']}: {row.get('reason', '')}")
     for path in written:
         print(f"  wrote {path}")
-    return 0
+    unreadable = [r["_unreadable"] for r in done if r.get("_unreadable")]
+    unreadable += [item for r in done for item in r.get("_damaged_samples", [])]
+    for item in unreadable:
+        print(f"diffguide: warning: {item.path} left out: {item.why}", file=sys.stderr)
+    return 1 if skipped or unreadable else 0  # the report is of the rest: the status says it is not of everything
 
 
 if __name__ == "__main__":

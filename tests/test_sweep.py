@@ -64,7 +64,8 @@ def test_results_name_finished_and_failed_points_alike_and_a_finish_clears_the_f
         results.record_failure(tmp_path / job, cfg, "sampling diverged", ["scale=2.5"])
     results.write_metrics(tmp_path / "b", {**results.point("cfg", 2.5, "ddim", 4), "nfe": 8.0})
     results.write_metrics(tmp_path / "report" / "c", results.point("cfg", 1.0, "ddim", 4))
-    found = results.read(tmp_path, skip=frozenset({"report"}))
+    found, skipped = results.read(tmp_path, skip=frozenset({"report"}))
+    assert skipped == []
     assert [(p.folder.name, p.status) for p in found] == [("b", "done"), ("a", "failed")]
     assert not (tmp_path / "b" / results.FAILED).exists()
     done, failed = (p.record for p in found)

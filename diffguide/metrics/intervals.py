@@ -15,6 +15,7 @@ sample count N; FID-infinity (Chong & Forsyth 2020) says where FID heads as N gr
 """
 
 import math
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,6 +26,8 @@ import torch
 from diffguide.store import atomic
 
 LEVEL = 0.95
+#: the arrays of `PointStats` with one row per generated sample
+_PER_SAMPLE = ("features", "kxy_mean", "in_reference", "logits", "correct")
 NAMES = ("fid", "kid", "isc", "precision", "recall", "class_accuracy")
 
 
@@ -53,8 +56,24 @@ class PointStats:
 
     @classmethod
     def load(cls, path: Path) -> "PointStats":
-        with np.load(path) as data:
-            values = {name: data[name] for name in data.files}
+        """The statistics `save` wrote; a file that is not a whole one of them (damaged, truncated, holding pickled
+        objects, unknown or ragged arrays) is a ValueError that says why. Nothing in it is unpickled."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                values = {name: data[name] for name in data.files}
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"not a whole features file ({why})") from None
+        known = {f.name for f in fields(cls)}
+        if "labels" not in values or set(values) - known:
+            raise ValueError(f"not a features file (arrays {', '.join(sorted(values)) or 'none'})")
+        for name, value in values.items():
+            if value.dtype.kind not in "biuf":
+                raise ValueError(f"array {name} holds {value.dtype} values, not numbers")
+        n = len(values["labels"]) if values["labels"].ndim == 1 else -1
+        ragged = [name for name in _PER_SAMPLE if name in values and (values[name].ndim < 1 or len(values[name]) != n)]
+        if n < 0 or ragged:
+            raise ValueError(f"array {(ragged or ['labels'])[0]} does not have one row per sample")
         if "n_reference" in values:
             values["n_reference"] = int(values["n_reference"])
         return cls(**values)

@@ -85,13 +85,63 @@ class Recorded:
     record: dict
 
 
-def read(root: Path, skip: frozenset[str] = frozenset()) -> list[Recorded]:
+#: the columns both files name a point by, and the types each may hold
+_COLUMN_TYPES = {"guidance": (str,), "scale": (int, float, type(None)), "sampler": (str, type(None)),
+                 "steps": (int, type(None)), "seed": (int, type(None)), "num_samples": (int, type(None)),
+                 "nfe": (int, float, type(None)), "reason": (str,)}
+
+
+_TYPE_NAMES = {str: "a string", int: "a whole number", float: "a number", type(None): "null"}
+
+
+def problem(record) -> str | None:
+    """Why a metrics.json or failed.json's content cannot be reported (None: it can): not an object, no method's
+    name, or a column that names the point holding the wrong type."""
+    if not isinstance(record, dict):
+        return f"holds {type(record).__name__ if record is not None else 'null'}, not an object"
+    if "guidance" not in record:
+        return "names no guidance method"
+    for key, types in _COLUMN_TYPES.items():
+        value = record.get(key)
+        if key in record and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            return f"its {key} is {json.dumps(value)[:40]}, not {' or '.join(_TYPE_NAMES[t] for t in types)}"
+    return None
+
+
+@dataclass
+class Skipped:
+    """A result file that could not be read: its path and why."""
+
+    path: Path
+    why: str
+
+
+def read(root: Path, skip: frozenset[str] = frozenset()) -> tuple[list[Recorded], list[Skipped]]:
     """Every point recorded under `root` (a sweep, or one run): each metrics.json, then each failed.json whose point
-    did not finish on a later attempt, in path order; folders named in `skip` (below `root`) are not looked into."""
+    did not finish on a later attempt, in path order; folders named in `skip` (below `root`) are not looked into.
+    A file that is damaged, unreadable or not a point's record is returned among the skipped, with why."""
 
     def found(name: str) -> list[Path]:
         return [p for p in sorted(Path(root).rglob(name)) if not skip & set(p.relative_to(root).parts)]
 
-    done = [Recorded(p.parent, "done", json.loads(p.read_text())) for p in found(METRICS)]
-    return done + [Recorded(p.parent, "failed", json.loads(p.read_text())) for p in found(FAILED)
-                   if not (p.parent / METRICS).exists()]
+    records, skipped = [], []
+
+    def load(path: Path, status: str) -> None:
+        try:
+            record = json.loads(path.read_bytes())
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"not JSON ({type(exc).__name__})"
+            skipped.append(Skipped(path, why))
+            return
+        reason = problem(record)
+        if reason is not None:
+            skipped.append(Skipped(path, reason))
+        else:
+            records.append(Recorded(path.parent, status, record))
+
+    for path in found(METRICS):
+        load(path, "done")
+    for path in found(FAILED):
+        if not (path.parent / METRICS).exists():
+            load(path, "failed")
+    return records, skipped
