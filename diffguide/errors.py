@@ -27,3 +27,8 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+
+
+class FolderRefused(UserError):
+    """The output folder is not this run's to write (another run holds it, or it holds samples of other settings):
+    the run stops in one line and changes nothing there (no failed.json, no .hydra/ record)."""

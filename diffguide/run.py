@@ -34,9 +34,10 @@ from diffguide.samplers.generate import generate, noise_levels
 from diffguide.logging.base import NoLogger
 from diffguide.metrics import intervals
 from diffguide.command.config import CONF_DIR, register, validate
-from diffguide.errors import UserError, instantiate
+from diffguide.errors import FolderRefused, UserError, instantiate
+from diffguide.store.atomic import DiskFull
 from diffguide.runtime.device import resolve_device, resolve_precision
-from diffguide.store.samples import SampleStore, labels_for, run_digest
+from diffguide.store.samples import SampleStore, run_digest
 
 register()
 
@@ -47,6 +48,8 @@ class Progress:
     def __init__(self) -> None:
         self.store: SampleStore | None = None
         self.total = 0
+        #: how to resume: the same command names its folder (out_dir=) or, by default, a new one by the clock
+        self.resume = "run the same command to resume"
 
     def kept(self) -> str:
         if self.store is None:
@@ -64,10 +67,11 @@ class Session:
 
 
 def run(cfg: DictConfig, out_dir: Path | None = None, name: str | None = None, group: str | None = None,
-        progress: Progress | None = None) -> dict:
+        progress: Progress | None = None, record=None) -> dict:
     """One point: sample, then score. `out_dir`: its folder (Hydra's output_dir; by default `cfg.out_dir`, as a
     caller composing the config itself sets it); `name`: the job's name (by default the folder's); `group`: in a
-    sweep, the sweep's name; `progress`: updated with what the run has on disk."""
+    sweep, the sweep's name; `progress`: updated with what the run has on disk; `record(out_dir)`: called once the
+    folder is this run's (locked, its settings checked), to write what Hydra would have written before the job."""
     total_start = time.perf_counter()
     validate(cfg)
     if out_dir is None and cfg.out_dir is None:
@@ -76,13 +80,13 @@ def run(cfg: DictConfig, out_dir: Path | None = None, name: str | None = None, g
     shard, device = distributed.setup(resolve_device(cfg.device))
     try:
         return _run(cfg, out_dir, out_dir.name if name is None else name, group, progress or Progress(), shard,
-                    device, total_start)
+                    device, total_start, record)
     finally:
         distributed.teardown()
 
 
 def _run(cfg: DictConfig, out_dir: Path, name: str, group: str | None, progress: Progress, shard: Shard,
-         device: torch.device, total_start: float) -> dict:
+         device: torch.device, total_start: float, record=None) -> dict:
     if shard.world > 1 and cfg.out_dir is None:
         raise UserError(f"a run over {shard.world} processes needs out_dir= (every rank must write to the same "
                         f"folder, and the default one is named by each process's clock)")
@@ -119,13 +123,15 @@ def _run(cfg: DictConfig, out_dir: Path, name: str, group: str | None, progress:
             store.release()
             if not isinstance(exc, UserError):
                 raise
-            problem = exc
+            problem = exc if isinstance(exc, (FolderRefused, DiskFull)) else FolderRefused(str(exc))
     if shard.world > 1 and shard.total(problem is not None):  # every rank learns whether rank 0 could start
         raise problem or UserError("rank 0 could not take the run folder (its error says why)")
     if problem is not None:
         raise problem
     if not shard.main:
         store.run_id = run_digest(settings)
+    elif record is not None:
+        record(out_dir)  # the folder is this run's now: Hydra's record of it may be written
     progress.store, progress.total = store, cfg.num_samples
     try:
         return _sample_and_score(cfg, out_dir, name, group, shard, device, total_start, denoiser, sampler, guidance,
@@ -143,7 +149,8 @@ def _sample_and_score(cfg, out_dir, name, group, shard, device, total_start, den
     logger.start(resolved, out_dir, name, group)
     try:
         sampling = generate(denoiser, sampler, guidance, store, device, logger, num_samples=cfg.num_samples,
-                            batch_size=cfg.batch_size, seed=cfg.seed, shard=shard)
+                            batch_size=cfg.batch_size, seed=cfg.seed, shard=shard,
+                            attempts=results.Attempts(out_dir, shard.rank))
         if shard.world > 1:
             # Scoring waits for every shard; the counts and the rate are those of the whole run.
             generated = int(shard.total(sampling["images_generated"]))
@@ -162,7 +169,7 @@ def _sample_and_score(cfg, out_dir, name, group, shard, device, total_start, den
         metric_files = dependency_files(resolved["metric"], "metric") if isinstance(resolved["metric"], dict) else {}
         result = {**results.point(guidance.name, guidance.scale, sampler.name, cfg.steps), **scores,
                   "nfe": sum(m["nfe"] for m in metas) / len(metas), "num_samples": cfg.num_samples, **sampling,
-                  **results.sampling_totals(out_dir, sampling),
+                  **results.sampling_totals(out_dir),
                   "noise_levels": noise_levels(sampler, denoiser),
                   "scoring_wall_s": round(time.perf_counter() - score_start, 3),
                   "wall_time_s": round(time.perf_counter() - total_start, 3), "device": str(device),
@@ -208,14 +215,27 @@ def objective(result: dict, tune: DictConfig) -> float:
     return float(value)
 
 
+def hydra_record(folder: Path, cfg: DictConfig, hc) -> None:
+    """What Hydra writes into a job's folder before the job (`.hydra/config.yaml`, `hydra.yaml`, `overrides.yaml`),
+    written once the folder is the run's: conf/config.yaml sets hydra.output_subdir to null, so that a run refused
+    in a folder (held by another run, or holding other settings) leaves that folder's record as it was."""
+    record = Path(folder) / ".hydra"
+    checkpoint.atomic_write_text(record / "config.yaml", OmegaConf.to_yaml(cfg))
+    checkpoint.atomic_write_text(record / "hydra.yaml", OmegaConf.to_yaml({"hydra": hc}))
+    checkpoint.atomic_write_text(record / "overrides.yaml", OmegaConf.to_yaml(list(hc.overrides.task)))
+
+
 def main(cfg: DictConfig, session: Session) -> float:
     """The task Hydra runs for the point (or for each point of a sweep); the only reader of Hydra's view of the job.
     Returns the point's objective (see `objective`), NaN for a point that failed."""
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     out_dir = Path(hc.runtime.output_dir)
+    if cfg.out_dir is None:  # the default folder is named by the clock: the same command would start a new one
+        session.progress.resume = f"add out_dir={hc.sweep.dir if multirun else out_dir} to the same command to resume"
     try:
-        result = run(cfg, out_dir, out_dir.name, Path(hc.sweep.dir).name if multirun else None, session.progress)
+        result = run(cfg, out_dir, out_dir.name, Path(hc.sweep.dir).name if multirun else None, session.progress,
+                     record=lambda folder: hydra_record(folder, cfg, hc))
     except KeyboardInterrupt:
         raise  # entry() says what was kept
     except Exception as exc:
@@ -226,9 +246,11 @@ def main(cfg: DictConfig, session: Session) -> float:
             if not multirun:
                 raise
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        refused = isinstance(exc, FolderRefused)
     else:
         return objective(result, cfg.tune)
-    results.record_failure(out_dir, cfg, reason, list(hc.overrides.task))
+    if not refused:  # a folder that is not this run's is left as it was
+        results.record_failure(out_dir, cfg, reason, list(hc.overrides.task))
     print(f"diffguide: error: {reason}", file=sys.stderr)
     if not multirun:
         sys.exit(2)  # SystemExit passes Hydra by; an exception would add its "Error executing job" line
@@ -250,6 +272,11 @@ def entry(argv: list[str] | None = None) -> int:
         args = parser.parse_intermixed_args(argv)  # `-m` may stand anywhere, as users type it
     except UserError as exc:
         print(f"diffguide: error: {exc}", file=sys.stderr)
+        return 2
+    if args.experimental_rerun:
+        # Hydra's rerun unpickles the file it is given: a planted pickle would run code
+        print("diffguide: error: --experimental-rerun is refused: it loads a pickle, which can run any code; rerun "
+              "a point with its own overrides (its folder's .hydra/overrides.yaml)", file=sys.stderr)
         return 2
     folder = None  # the output folder the checks found, named if the disk fills up before Hydra has set up the job
     plain = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.config_path
@@ -275,7 +302,7 @@ def entry(argv: list[str] | None = None) -> int:
         raise
     except BaseException as exc:
         if _interrupted(exc):
-            print(f"interrupted: {session.progress.kept()}; run the same command to resume", file=sys.stderr)
+            print(f"interrupted: {session.progress.kept()}; {session.progress.resume}", file=sys.stderr)
             return 130
         reason = _reason(exc, folder or "the output folder") or (checks.describe(exc, args.overrides)
                                                                   if _from_config(exc) else None)

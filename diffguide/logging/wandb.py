@@ -4,6 +4,7 @@ The mode is never fixed here: WANDB_MODE from the environment wins; without it, 
 goes offline by itself (sync later with `wandb sync`). Any W&B failure is reported on stderr and the job goes on.
 """
 
+import hashlib
 import netrc
 import os
 import sys
@@ -22,6 +23,13 @@ def _has_credentials() -> bool:
         return False
 
 
+def run_id(out_dir, project: str, entity: str | None) -> str:
+    """The W&B run id of a point's folder: the digest of its absolute path in this project (the same folder reached
+    from another node of a shared file system is the same run)."""
+    where = f"{entity or ''}/{project}:{Path(out_dir).resolve()}"
+    return "dg" + hashlib.sha256(where.encode()).hexdigest()[:22]
+
+
 class WandbLogger(Logger):
     def __init__(self, project: str = "diffguide", entity: str | None = None, tags: list | None = None,
                  job_type: str = "sample", init_timeout: float = 60.0):
@@ -38,7 +46,9 @@ class WandbLogger(Logger):
             import wandb
 
             mode = os.environ.get("WANDB_MODE") or ("online" if _has_credentials() else "offline")
+            # the same folder is the same W&B run: a resumed point continues its run instead of starting a second
             kwargs = dict(project=self.project, entity=self.entity, name=name, group=group, tags=self.tags,
+                          id=run_id(out_dir, self.project, self.entity), resume="allow",
                           job_type=self.job_type, config=config, dir=str(out_dir), reinit="finish_previous",
                           settings=wandb.Settings(init_timeout=self.init_timeout, silent=True))
             try:

@@ -27,9 +27,10 @@ def noise_levels(sampler, denoiser) -> dict:
 
 
 def generate(denoiser, sampler, guidance, store: SampleStore, device, logger, *, num_samples: int, batch_size: int,
-             seed: int, shard: Shard = Shard()) -> dict:
+             seed: int, shard: Shard = Shard(), attempts=None) -> dict:
     """Make the samples of 0..num_samples-1 that `store` lacks (this shard's share of them), `batch_size` at a time;
-    sample i starts from seed + i. Returns the counts and wall time of this process's sampling."""
+    sample i starts from seed + i; `attempts` (store.results.Attempts) records the images and seconds so far after
+    every batch. Returns the counts and wall time of this process's sampling."""
     missing = shard.mine(store.missing(num_samples))
     batches = [missing[i:i + batch_size] for i in range(0, len(missing), batch_size)]
     steps = step_count(sampler, denoiser)
@@ -65,6 +66,8 @@ def generate(denoiser, sampler, guidance, store: SampleStore, device, logger, *,
                                    f"{human_bytes(left * sum(sizes) / len(sizes))}") from None
                 done += 1
             elapsed = time.perf_counter() - start
+            if attempts is not None:
+                attempts.record(done, elapsed)
             logger.progress({"step": bar.n, "images": num_samples - len(missing) + done,
                              "images_per_s": done / elapsed})
     except BaseException:
@@ -73,5 +76,7 @@ def generate(denoiser, sampler, guidance, store: SampleStore, device, logger, *,
     finally:
         bar.close()
     wall = time.perf_counter() - start
+    if attempts is not None and done:
+        attempts.record(done, round(wall, 3))  # the attempt's own total, as its sampling_wall_s says
     return {"images_generated": done, "sampling_wall_s": round(wall, 3),
             "images_per_s": round(done / wall, 3) if done else None}

@@ -5,7 +5,11 @@ steps), so that diffguide.report joins them; everything that writes or reads the
 """
 
 import json
+import os
+import secrets
+import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,19 +63,61 @@ def record_failure(out_dir: Path, cfg: DictConfig, reason: str, overrides: list[
         print(f"diffguide: could not write {FAILED}: {exc}", file=sys.stderr)
 
 
-def sampling_totals(out_dir: Path, sampling: dict) -> dict:
-    """The images the point's folder holds were made over one run or several (resumed, or grown to more samples):
-    the seconds and images of every run so far (this one's `sampling` added to what the earlier metrics.json
-    recorded), and the seconds per image they give."""
-    seconds, images = 0.0, 0
+#: every attempt's sampling in a point's folder: one entry per process and attempt, rewritten after each batch
+ATTEMPTS = "attempts.json"
+
+
+class Attempts:
+    """The images and seconds one attempt (this process) has spent on a point's samples so far, kept in the folder's
+    attempts file (rank r of a multi-process run: attempts.rank{r}.json) after every batch, so that a run killed
+    midway still counts in the totals of the run that resumes it. The first attempt of a folder made before the
+    file existed starts it from the totals its metrics.json recorded."""
+
+    def __init__(self, out_dir: Path, rank: int = 0):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / (ATTEMPTS if rank == 0 else f"attempts.rank{rank}.json")
+        self.key = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()} pid {os.getpid()} " \
+                   f"{secrets.token_hex(3)}"
+
+    def record(self, images: int, seconds: float) -> None:
+        entries = _entries(self.path)
+        if not entries and self.path.name == ATTEMPTS:
+            before = _metrics_totals(self.out_dir)
+            if before is not None:
+                entries["before this file"] = before
+        entries[self.key] = {"images": int(images), "seconds": round(float(seconds), 3)}
+        atomic_write_text(self.path, json.dumps(entries, indent=1))
+
+
+def _entries(path: Path) -> dict:
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(entries, dict):
+        return {}
+    return {k: v for k, v in entries.items() if isinstance(v, dict) and isinstance(v.get("images"), int)
+            and isinstance(v.get("seconds"), (int, float))}
+
+
+def _metrics_totals(out_dir: Path) -> dict | None:
     try:
         before = json.loads((Path(out_dir) / METRICS).read_text())
-        seconds = float(before.get("sampling_wall_s_total", before.get("sampling_wall_s")) or 0.0)
-        images = int(before.get("images_generated_total", before.get("images_generated")) or 0)
-    except (OSError, ValueError, TypeError):
-        pass
-    seconds += float(sampling.get("sampling_wall_s") or 0.0)
-    images += int(sampling.get("images_generated") or 0)
+        return {"images": int(before.get("images_generated_total", before.get("images_generated")) or 0),
+                "seconds": float(before.get("sampling_wall_s_total", before.get("sampling_wall_s")) or 0.0)}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def sampling_totals(out_dir: Path) -> dict:
+    """The images the point's folder holds were made over one attempt or several (killed and resumed, or grown to
+    more samples): the seconds and images of every attempt (every process's attempts file), and the seconds per
+    image they give."""
+    seconds, images = 0.0, 0
+    for path in sorted(Path(out_dir).glob("attempts*.json")):
+        for entry in _entries(path).values():
+            seconds += float(entry["seconds"])
+            images += int(entry["images"])
     return {"sampling_wall_s_total": round(seconds, 3), "images_generated_total": images,
             "sampling_s_per_image": round(seconds / images, 4) if images else None}
 

@@ -85,3 +85,23 @@ def test_a_wandb_failure_never_fails_the_run(tmp_path, monkeypatch, capsys):
     logger.progress({"images": 1})
     logger.finish({"fid_fmnist": 1.0}, None)
     assert "W&B init failed (RuntimeError: service unreachable)" in capsys.readouterr().err
+
+
+def test_a_resumed_point_continues_its_wandb_run(tmp_path, monkeypatch):
+    """Two attempts in one folder log to one W&B run (an id from the folder, resume="allow"); another folder is
+    another run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    ids = []
+    for folder in ("point", "point", "other"):
+        logger = wandb_logger.WandbLogger(project="diffguide-test")
+        logger.start({}, tmp_path / folder, folder, None)
+        logger.finish({}, None)
+        [run_file] = sorted((tmp_path / folder / "wandb").glob("offline-run-*/run-*.wandb"),
+                            key=lambda p: p.stat().st_mtime)[-1:]
+        [run] = [r for r in read_wandb_records(run_file) if r.WhichOneof("record_type") == "run"]
+        ids.append(run.run.run_id)
+    expected = wandb_logger.run_id(tmp_path / "point", "diffguide-test", None)
+    assert ids[0] == ids[1] == expected and ids[2] != expected
+    import hashlib
+
+    assert expected == "dg" + hashlib.sha256(f"/diffguide-test:{(tmp_path / 'point').resolve()}".encode()).hexdigest()[:22]
