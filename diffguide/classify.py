@@ -5,7 +5,9 @@ mixture for model=gmm. Config: conf/classify.yaml (the `model` group is the samp
 Writes, atomically, into out_dir (default outputs/classify/<time>): classify.json (accuracy with its 95% Wilson
 interval, per-class accuracy, the confusion matrix [true][predicted], network evaluations per image, wall seconds,
 images per second, the settings) and confusion.png; prints a one-line JSON summary on stdout. Every user error is
-one line on stderr (`diffguide: error: ...`, exit 2) before any work; Ctrl-C is one line and exit 130.
+one line on stderr (`diffguide: error: ...`, exit 2) before any work; Ctrl-C is one line and exit 130. Each batch's
+predictions are kept in out_dir/parts/ as they are made (store/partials.py): a rerun in the same folder keeps them
+and classifies the rest (wall_s: the seconds of every batch, over every attempt); one process holds the folder.
 """
 
 import io
@@ -29,7 +31,9 @@ from diffguide.command import config, wrapper
 from diffguide.classifiers import diffusion
 from diffguide.data import fashion_mnist
 from diffguide.metrics import intervals
-from diffguide.errors import UserError, instantiate
+from diffguide.errors import Interrupted, UserError, instantiate
+from diffguide.store import partials
+from diffguide.store.partials import Partials
 from diffguide.runtime.device import resolve_device, resolve_precision
 
 CONFIG_NAME = "classify"
@@ -170,23 +174,41 @@ def confusion_png(confusion: list[list[int]], names: list[str] | None, title: st
     return buffer.getvalue()
 
 
-def classify_all(denoiser, images: torch.Tensor, settings: dict, device: torch.device) -> tuple[torch.Tensor, int]:
-    """Predictions for every image, batch by batch; and the network evaluations per image."""
+def classify_all(denoiser, images: torch.Tensor, settings: dict, device: torch.device,
+                 parts: Partials | None = None, hint: str = "") -> tuple[torch.Tensor, int, float]:
+    """Predictions for every image, batch by batch, each batch's kept in `parts` as it is made (and taken from it
+    where an earlier attempt made it); the network evaluations per image; the seconds every batch took (over every
+    attempt)."""
     from tqdm import tqdm
 
-    predictions, nfe = [], 0
+    predictions, nfe, seconds = [], 0, 0.0
     size = settings["batch_size"]
     bar = tqdm(total=len(images), unit="img", disable=not sys.stderr.isatty(), leave=False)
     classes = denoiser.num_classes  # one forward: the chunk's images x the classes each still scores
-    for start in range(0, len(images), size):
-        chunk = images[start:start + size].to(device)
-        found = diffusion.classify(denoiser, chunk, settings["n_samples"], settings["to_keep"],
-                                   seed=settings["seed"], batch=len(chunk) * classes)
-        predictions.append(found.predictions.cpu())
-        nfe = found.nfe
-        bar.update(len(chunk))
-    bar.close()
-    return torch.cat(predictions), nfe
+    try:
+        for start in range(0, len(images), size):
+            key = f"{start:07d}-{min(start + size, len(images)):07d}"
+            part = parts.get(key) if parts is not None else None
+            if part is None:
+                began = time.perf_counter()
+                chunk = images[start:start + size].to(device)
+                found = diffusion.classify(denoiser, chunk, settings["n_samples"], settings["to_keep"],
+                                           seed=settings["seed"], batch=len(chunk) * classes)
+                part = {"predictions": found.predictions.cpu(), "nfe": int(found.nfe),
+                        "seconds": time.perf_counter() - began}
+                if parts is not None:
+                    parts.put(key, part)
+            predictions.append(part["predictions"])
+            nfe = part["nfe"]
+            seconds += float(part["seconds"])
+            bar.update(len(part["predictions"]))
+    except KeyboardInterrupt:
+        kept = sum(len(p) for p in predictions)
+        where = f" and kept in {parts.dir}" if parts is not None else ""
+        raise Interrupted(f"interrupted: {kept} of {len(images)} images classified{where}; {hint}") from None
+    finally:
+        bar.close()
+    return torch.cat(predictions), nfe, seconds
 
 
 def prepare(cfg: DictConfig) -> tuple[dict, object, torch.Tensor, torch.Tensor, list | None, str, torch.device, Path]:
@@ -205,15 +227,22 @@ def prepare(cfg: DictConfig) -> tuple[dict, object, torch.Tensor, torch.Tensor, 
 
 
 def run(cfg: DictConfig) -> dict:
-    """Classify and write; returns what classify.json holds."""
+    """Classify and write; returns what classify.json holds. Each batch's predictions are kept in out_dir/parts/ as
+    they are made: a rerun in the same folder keeps them and classifies the rest."""
     settings, denoiser, images, labels, names, what, device, folder = prepare(cfg)
-    start = time.perf_counter()
-    predictions, nfe = classify_all(denoiser, images, settings, device)
-    wall = time.perf_counter() - start
-    summary = summarise(labels, predictions, denoiser.num_classes)
     with open_dict(cfg):
         del cfg["hydra"]
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    parts = Partials(folder, partials.settings_of(resolved), "diffguide classify")
+    kept = parts.claim()
+    try:
+        if kept:
+            print(f"diffguide: resuming: {kept} batch(es) of predictions kept in {parts.dir}", file=sys.stderr)
+        predictions, nfe, wall = classify_all(denoiser, images, settings, device, parts,
+                                              partials.resume_hint(folder, cfg.out_dir is not None))
+    finally:
+        parts.release()
+    summary = summarise(labels, predictions, denoiser.num_classes)
     result = {**summary, "nfe_per_image": nfe, "wall_s": round(wall, 3),
               "images_per_s": round(len(images) / wall, 3) if wall > 0 else None,
               "data": what, "class_names": names, "device": str(device),
