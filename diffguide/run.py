@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from diffguide.store import checkpoint
 from diffguide.command import checks
-from diffguide.runtime import distributed
+from diffguide.runtime import distributed, slurm
 from diffguide.store import results
 from diffguide.runtime.distributed import Shard
 from diffguide.store.fingerprint import dependency_files, fingerprint
@@ -194,6 +194,10 @@ def _reason(exc: BaseException, folder: str) -> str | None:
         return checks.describe(exc)  # a value the config gave that the target's constructor refused
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on the device of {folder if exc.filename is None else exc.filename}"
+    if type(exc).__module__.startswith("submitit"):  # sbatch's refusal, a job lost by the cluster: their last line
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        said = next((line for line in lines if line.startswith(("sbatch:", "srun:", "error"))), None)
+        return f"Slurm: {said or (lines[0] if lines else type(exc).__name__)}"
     return None
 
 
@@ -288,6 +292,8 @@ def entry(argv: list[str] | None = None) -> int:
         if problems:
             return 2
         sys.argv = [sys.argv[0], *(["-m"] if args.multirun else []), *args.overrides]
+    if any(o.replace(" ", "") in ("hydra/launcher=slurm", "hydra/launcher=slurm_cpu") for o in args.overrides):
+        slurm.prepare_launch()
     # Hydra's own reporting prints several lines; with HYDRA_FULL_ERROR its exceptions reach us instead.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     session = Session()

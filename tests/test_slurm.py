@@ -95,3 +95,61 @@ def test_a_requeued_sweep_job_resumes_from_its_samples(tiny_unet_path, tmp_path)
     result = json.loads(metrics.read_text())
     assert len(list(sweep.glob("*/samples/*.png"))) == 60
     assert result["images_generated"] < 60  # the restarted job made only the missing samples
+
+
+SWEEP = ["guidance=cfg,none", "metric=none", "logger=none", "steps=2", "num_samples=3"]
+
+
+@pytest.mark.skipif(NOT_READY is not None, reason=str(NOT_READY))
+def test_the_gpu_preset_on_a_cpu_only_cluster_is_one_line_before_any_submission(tmp_path):
+    """The local cluster's node has no GPUs: the slurm preset's gpus_per_node=1 is named in one line (sbatch would
+    answer with a 54-line submitit traceback), said once for the whole sweep, and nothing is submitted."""
+    proc = run_cli("diffguide.run", "-m", "hydra/launcher=slurm", *SWEEP, f"out_dir={tmp_path / 's'}")
+    assert proc.returncode == 2
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("diffguide: error: hydra.launcher.gpus_per_node=1: the default partition has no GPUs")
+    assert line.endswith("(every point of the sweep)") and not (tmp_path / "s" / ".submitit").exists()
+
+
+@pytest.mark.skipif(NOT_READY is not None, reason=str(NOT_READY))
+def test_the_cpu_preset_sweeps_with_nothing_on_stderr(tmp_path):
+    """hydra/launcher=slurm_cpu on the local cluster, whose accounting is off: no sacct warning reaches stderr."""
+    proc = run_cli("diffguide.run", "-m", "hydra/launcher=slurm_cpu", "hydra.launcher.cpus_per_task=1",
+                   "hydra.launcher.mem_gb=2", *SWEEP, f"out_dir={tmp_path / 's'}", timeout=600)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+    assert len(list((tmp_path / "s").glob("*/metrics.json"))) == 2
+
+
+@pytest.mark.skipif(NOT_READY is not None, reason=str(NOT_READY))
+def test_a_submission_sbatch_refuses_is_one_line(tmp_path):
+    proc = run_cli("diffguide.run", "-m", "hydra/launcher=slurm_cpu", "hydra.launcher.cpus_per_task=1",
+                   "+hydra.launcher.additional_parameters.bogus=1", *SWEEP, f"out_dir={tmp_path / 's'}")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["diffguide: error: Slurm: sbatch: unrecognized option '--bogus=1'"]
+
+
+def _fake_sinfo(tmp_path, monkeypatch, table: str):
+    """A `sinfo` on PATH that prints `table` (partition and gres per line), as `sinfo -h -o "%P %G"` does."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "sinfo"
+    script.write_text(f"#!/bin/sh\ncat <<'END'\n{table}\nEND\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_the_gpu_check_reads_the_partitions_gres(tmp_path, monkeypatch):
+    """sinfo's `%P %G`: the default partition (marked *) is checked when none is named."""
+    from diffguide.errors import UserError
+    from diffguide.runtime import slurm
+
+    _fake_sinfo(tmp_path, monkeypatch, "cpu* (null)\ngpu gpu:a100:4")
+    slurm.check_gpus.cache_clear()
+    with pytest.raises(UserError, match=r"gpus_per_node=1: the default partition has no GPUs \(sinfo: gres \(null\)\)"):
+        slurm.check_gpus(1, None)
+    slurm.check_gpus(0, None)
+    _fake_sinfo_gpu = "gpu gpu:a100:4"
+    (tmp_path / "bin" / "sinfo").write_text(f"#!/bin/sh\necho '{_fake_sinfo_gpu}'\n")
+    slurm.check_gpus.cache_clear()
+    slurm.check_gpus(1, "gpu")
+    slurm.check_gpus.cache_clear()

@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from diffguide.command.config import compose_config, validate
 from diffguide.errors import UserError
+from diffguide.runtime import slurm
 
 #: instantiate's own keys, never constructor arguments
 _INSTANTIATE_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -221,6 +222,9 @@ def check_point(overrides: list[str], multirun: bool) -> str:
         validate(cfg)
         check_targets(cfg)
         folder = hydra_node.sweep.dir if multirun else hydra_node.run.dir
+        launcher = OmegaConf.select(hydra_node, "launcher._target_", default="") or ""
+        if multirun and launcher.endswith("SlurmLauncher"):
+            slurm.check_gpus(hydra_node.launcher.get("gpus_per_node"), hydra_node.launcher.get("partition"))
     except UserError:
         raise
     except Exception as exc:
@@ -238,10 +242,13 @@ def precheck(overrides: list[str], multirun: bool) -> tuple[list[str], str | Non
         points = sweep_points(overrides, multirun)
     except Exception as exc:
         return [describe(exc, overrides)], None
-    problems, folder = [], None
+    problems, folder, reasons = [], None, set()
     for name, point in points:
         try:
             folder = check_point(point, multirun)
         except UserError as exc:
             problems.append(f"{name}: {_first_line(exc)}" if name else _first_line(exc))
+            reasons.add(_first_line(exc))
+    if len(points) > 1 and len(problems) == len(points) and len(reasons) == 1:
+        return [f"{reasons.pop()} (every point of the sweep)"], folder  # a sweep-wide mistake is said once
     return problems, folder
