@@ -1,6 +1,7 @@
 """A fault and bad-input audit of `python -m diffguide.run`, run as a new user would. Not a test: it takes minutes.
+Then the other entry points' cases (train, report, classify, edit: scripts/command_faults.py, its own promises).
 
-    python scripts/fault_matrix.py [--only SUBSTRING] [--jobs 1] [--out FILE] [--keep] [--list]
+    python scripts/fault_matrix.py [--only SUBSTRING] [--jobs 1] [--out FILE] [--keep] [--list] [--commands]
 
 Every case is a subprocess `python -m diffguide.run logger=none steps=5 num_samples=24 batch_size=4 out_dir=... ...`
 (cwd: the repository root, WANDB_MODE=disabled), each with its own fresh out_dir under one temp folder, and
@@ -54,6 +55,8 @@ from typing import Callable
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the shared list of command-line mistakes lives with the tests
 from tests.cli_mistakes import MISTAKES  # noqa: E402
+sys.path.insert(0, str(REPO / "scripts"))
+import command_faults  # noqa: E402  (the other entry points' cases)
 
 WEIGHTS = REPO / "diffguide" / "weights" / "fmnist_unet.safetensors"
 GUIDANCES = {p.stem for p in (REPO / "conf" / "guidance").glob("*.yaml")}
@@ -808,18 +811,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the table and summary to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder of every case (logs, run folders)")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--commands", action="store_true", help="only the other entry points' cases "
+                        "(train, report, classify, edit: scripts/command_faults.py)")
+    parser.add_argument("--no-commands", action="store_true", help="only `run`'s cases")
     args = parser.parse_args()
-    cases = [c for c in CASES if args.only is None or args.only.lower() in c.name.lower()]
+    cases = [c for c in CASES if (args.only is None or args.only.lower() in c.name.lower()) and not args.commands]
+    command_cases = [] if args.no_commands else [
+        c for c in command_faults.CASES if args.only is None or args.only.lower() in c.name.lower()]
     if args.list:
-        print("\n".join(f"{c.expect:14} {c.name}" for c in cases))
+        print("\n".join(f"{c.expect:14} {c.name}" for c in [*cases, *command_cases]))
         return
-    if not cases:
+    if not cases and not command_cases:
         sys.exit(f"fault_matrix: no case matches {args.only!r}")
     start = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="fault_matrix."))
     print(f"fault_matrix: {len(cases)} cases under {root}", file=sys.stderr)
     try:
-        shared, reference = prepare(root)
         rows: list[Row | None] = [None] * len(cases)
         done = 0
 
@@ -832,9 +839,19 @@ def main() -> None:
                 print(f"[{done}/{len(cases)}] {'ok    ' if row.ok else 'BROKEN'} {row.seconds:5.1f} s  "
                       f"{row.case.name}", file=sys.stderr, flush=True)
 
-        with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-            list(pool.map(work, range(len(cases))))
-        report = table(rows) + "\n\n" + summary(rows, time.monotonic() - start)
+        if cases:
+            shared, reference = prepare(root)
+            with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+                list(pool.map(work, range(len(cases))))
+        command_rows = []
+        for index, case in enumerate(command_cases):  # one at a time: some read the repository's git status
+            row = command_faults.run_case(case, root, index)
+            command_rows.append(row)
+            print(f"[{index + 1}/{len(command_cases)}] {'ok    ' if row.ok else 'BROKEN'} {row.seconds:5.1f} s  "
+                  f"{case.name}", file=sys.stderr, flush=True)
+        report = (table(rows) + "\n\n" if rows else "") + \
+            (command_faults.table(command_rows) + "\n\n" if command_rows else "") + \
+            summary([*rows, *command_rows], time.monotonic() - start)
         print(report)
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
