@@ -218,7 +218,11 @@ POINT_DAMAGE = ["metrics garbage", "metrics truncated", "metrics null", "metrics
 FEATURE_DAMAGE = ["features truncated", "features garbage", "features object array", "features ragged"]
 
 
-@pytest.mark.parametrize("kind", POINT_DAMAGE + FEATURE_DAMAGE)
+FAST = {"metrics garbage", "metrics null", "failed garbage", "features object array"}  # the rest: make test-slow
+
+
+@pytest.mark.parametrize("kind", [k if k in FAST else pytest.param(k, marks=pytest.mark.slow)
+                                  for k in POINT_DAMAGE + FEATURE_DAMAGE])
 def test_a_damaged_point_is_skipped_with_one_warning_and_the_rest_is_reported(sweep, kind, tmp_path):
     """One warning line on stderr naming the damaged file, the other points in the table and the CSV, exit 1 (the
     report is not of everything); a damaged features.npz keeps its point in the table without paired differences;

@@ -41,7 +41,7 @@ def _result(path):
     return result
 
 
-@pytest.mark.parametrize("command", ["classify", "edit"])
+@pytest.mark.parametrize("command", ["classify", pytest.param("edit", marks=pytest.mark.slow)])
 def test_ctrl_c_keeps_every_finished_batch_and_the_rerun_does_the_rest(tmp_path, command):
     args, result_file, verb = CASES[command]
     whole = run_cli(f"diffguide.{command}", *args, f"out_dir={tmp_path / 'whole'}")
@@ -62,7 +62,7 @@ def test_ctrl_c_keeps_every_finished_batch_and_the_rerun_does_the_rest(tmp_path,
     assert _result(folder / result_file) == _result(tmp_path / "whole" / result_file)
 
 
-@pytest.mark.parametrize("command", ["classify", "edit"])
+@pytest.mark.parametrize("command", ["classify", pytest.param("edit", marks=pytest.mark.slow)])
 def test_a_held_folder_is_refused_in_one_line(tmp_path, command):
     args, result_file, _ = CASES[command]
     folder = tmp_path / "busy"
@@ -74,6 +74,7 @@ def test_a_held_folder_is_refused_in_one_line(tmp_path, command):
     assert not (folder / result_file).exists()
 
 
+@pytest.mark.slow  # make test-slow; scripts/fault_matrix.py --commands runs the same case
 def test_parts_of_other_settings_are_refused(tmp_path):
     folder = tmp_path / "c"
     stopped = _interrupted("diffguide.classify", [*CLASSIFY, f"out_dir={folder}"], folder)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from diffguide.store.lock import FolderLock
 from tests.helpers import ROOT, interruptible, run_cli
 
@@ -36,6 +38,7 @@ def test_a_run_refused_for_other_settings_changes_nothing_in_the_folder(tmp_path
     assert _snapshot(folder) == before
 
 
+@pytest.mark.slow  # make test-slow; scripts/fault_matrix.py --commands runs the same case
 def test_a_run_refused_for_a_held_folder_changes_nothing_in_it(tmp_path):
     folder = tmp_path / "run"
     assert run_cli("diffguide.run", *SMALL, f"out_dir={folder}").returncode == 0

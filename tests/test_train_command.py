@@ -79,6 +79,7 @@ def test_ctrl_c_is_one_line_and_the_same_command_resumes_bit_identical(tmp_path)
     assert done.returncode == 0 and "already trained" in done.stdout and "step " not in done.stdout
 
 
+@pytest.mark.slow  # make test-slow; scripts/fault_matrix.py --commands runs the same case
 def test_a_kill_after_a_checkpoint_resumes_from_it(tmp_path):
     """SIGKILL (no handler runs) once step 4 is logged, with a checkpoint every 2 steps: the rerun resumes at 4."""
     args = [*TINY, "train.steps=6", "train.checkpoint_every=2", f"out_dir={tmp_path / 'k'}"]
@@ -137,6 +138,7 @@ def test_a_second_training_in_a_held_folder_is_refused_in_one_line(tmp_path):
                                                    f"training (host "), proc.stderr
 
 
+@pytest.mark.slow  # make test-slow; scripts/fault_matrix.py --commands runs the same case
 def test_a_folder_of_other_settings_is_refused(tmp_path):
     first = run_cli("diffguide.train", *TINY, "train.steps=2", f"out_dir={tmp_path / 'f'}")
     assert first.returncode == 0, first.stderr
@@ -149,14 +151,15 @@ def test_a_folder_of_other_settings_is_refused(tmp_path):
     (["train.stpes=5"], "train.stpes is not a key (did you mean steps?)"),
     (["train=bogus"], "train=bogus is not an option; choose one of: fmnist_dit, "),
     (["train.steps=abc"], "train.steps='abc': use a whole number >= 1"),
-    (["train.batch_size=0"], "train.batch_size=0: use a whole number >= 1"),
+    pytest.param(["train.batch_size=0"], "train.batch_size=0: use a whole number >= 1", marks=pytest.mark.slow),
     (["--foo"], "--foo is not an option (usage: python -m diffguide.train"),
     (["--experimental-rerun", "x.pickle"], "--experimental-rerun is not an option"),
-    (["train.out=/proc/x.safetensors"], "train.out=/proc/x.safetensors: its folder /proc cannot be written"),
-    (["train.out=/"], "train.out=/: / is a folder; name a file"),
-    (["out_dir=/proc/x"], "out_dir=/proc/x cannot be used as the output folder"),
+    pytest.param(["train.out=/proc/x.safetensors"], "train.out=/proc/x.safetensors: its folder /proc cannot be "
+                 "written", marks=pytest.mark.slow),
+    pytest.param(["train.out=/"], "train.out=/: / is a folder; name a file", marks=pytest.mark.slow),
+    pytest.param(["out_dir=/proc/x"], "out_dir=/proc/x cannot be used as the output folder", marks=pytest.mark.slow),
     (["train.overwrite=maybe"], "train.overwrite='maybe': use true or false"),
-    (["device=tpu"], "device='tpu' is not a device"),
+    pytest.param(["device=tpu"], "device='tpu' is not a device", marks=pytest.mark.slow),
 ])
 def test_every_mistake_is_one_line_and_exit_2_before_any_step(tmp_path, args, message):
     proc = run_cli("diffguide.train", *TINY, "train.steps=2", f"out_dir={tmp_path / 'm'}", *args)
