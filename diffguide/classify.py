@@ -14,7 +14,6 @@ import io
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 from diffguide.command import interrupt  # noqa: E402  (before the heavy imports below)
@@ -31,7 +30,7 @@ from diffguide.command import config, wrapper
 from diffguide.classifiers import diffusion
 from diffguide.data import fashion_mnist
 from diffguide.metrics import intervals
-from diffguide.errors import Interrupted, UserError, instantiate
+from diffguide.errors import UserError, instantiate
 from diffguide.store import partials
 from diffguide.store.partials import Partials
 from diffguide.runtime.device import resolve_device, resolve_precision
@@ -174,41 +173,28 @@ def confusion_png(confusion: list[list[int]], names: list[str] | None, title: st
     return buffer.getvalue()
 
 
-def classify_all(denoiser, images: torch.Tensor, settings: dict, device: torch.device,
-                 parts: Partials | None = None, hint: str = "") -> tuple[torch.Tensor, int, float]:
+def classify_all(denoiser, images: torch.Tensor, settings: dict, device: torch.device, parts: Partials,
+                 hint: str) -> tuple[torch.Tensor, int, float]:
     """Predictions for every image, batch by batch, each batch's kept in `parts` as it is made (and taken from it
     where an earlier attempt made it); the network evaluations per image; the seconds every batch took (over every
     attempt)."""
     from tqdm import tqdm
 
-    predictions, nfe, seconds = [], 0, 0.0
-    size = settings["batch_size"]
-    bar = tqdm(total=len(images), unit="img", disable=not sys.stderr.isatty(), leave=False)
     classes = denoiser.num_classes  # one forward: the chunk's images x the classes each still scores
+
+    def make(begin: int, end: int) -> dict:
+        chunk = images[begin:end].to(device)
+        found = diffusion.classify(denoiser, chunk, settings["n_samples"], settings["to_keep"],
+                                   seed=settings["seed"], batch=len(chunk) * classes)
+        return {"predictions": found.predictions.cpu(), "nfe": int(found.nfe)}
+
+    bar = tqdm(total=len(images), unit="img", disable=not sys.stderr.isatty(), leave=False)
     try:
-        for start in range(0, len(images), size):
-            key = f"{start:07d}-{min(start + size, len(images)):07d}"
-            part = parts.get(key) if parts is not None else None
-            if part is None:
-                began = time.perf_counter()
-                chunk = images[start:start + size].to(device)
-                found = diffusion.classify(denoiser, chunk, settings["n_samples"], settings["to_keep"],
-                                           seed=settings["seed"], batch=len(chunk) * classes)
-                part = {"predictions": found.predictions.cpu(), "nfe": int(found.nfe),
-                        "seconds": time.perf_counter() - began}
-                if parts is not None:
-                    parts.put(key, part)
-            predictions.append(part["predictions"])
-            nfe = part["nfe"]
-            seconds += float(part["seconds"])
-            bar.update(len(part["predictions"]))
-    except KeyboardInterrupt:
-        kept = sum(len(p) for p in predictions)
-        where = f" and kept in {parts.dir}" if parts is not None else ""
-        raise Interrupted(f"interrupted: {kept} of {len(images)} images classified{where}; {hint}") from None
+        done = parts.each_batch(len(images), settings["batch_size"], make, "classified", hint, bar.update)
     finally:
         bar.close()
-    return torch.cat(predictions), nfe, seconds
+    return (torch.cat([p["predictions"] for p in done]), done[-1]["nfe"],
+            sum(float(p["seconds"]) for p in done))
 
 
 def prepare(cfg: DictConfig) -> tuple[dict, object, torch.Tensor, torch.Tensor, list | None, str, torch.device, Path]:
@@ -234,10 +220,8 @@ def run(cfg: DictConfig) -> dict:
         del cfg["hydra"]
     resolved = OmegaConf.to_container(cfg, resolve=True)
     parts = Partials(folder, partials.settings_of(resolved), "diffguide classify")
-    kept = parts.claim()
+    parts.claim("predictions")
     try:
-        if kept:
-            print(f"diffguide: resuming: {kept} batch(es) of predictions kept in {parts.dir}", file=sys.stderr)
         predictions, nfe, wall = classify_all(denoiser, images, settings, device, parts,
                                               partials.resume_hint(folder, cfg.out_dir is not None))
     finally:

@@ -40,7 +40,7 @@ from diffguide.command import checks
 from diffguide.command import config, wrapper
 from diffguide.data import fashion_mnist
 from diffguide.editing import inversion as inv
-from diffguide.errors import Interrupted, UserError, instantiate
+from diffguide.errors import UserError, instantiate
 from diffguide.store import partials
 from diffguide.store.partials import Partials
 from diffguide.metrics import intervals
@@ -295,47 +295,34 @@ def run(cfg: DictConfig) -> dict:
     if guessed:  # a folder's images: their class is the evaluator's guess
         labels = logits_src.argmax(1).cpu()
     target = s["target"]
-    recs, edits, nfe, losses_before, losses_after, iterations = [], [], None, [], [], []
-    wall_invert = 0.0
     with open_dict(cfg):
         del cfg["hydra"]
     resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    def make(begin: int, end: int) -> dict:
+        x0 = fashion_mnist.to_model_range(images[begin:end]).to(device)
+        rec, edit, nfe_batch, record = _invert_batch(s, denoiser, x0, labels[begin:end].to(device), levels, target)
+        part = {"rec": rec.cpu(), "nfe": nfe_batch}
+        if edit is not None:
+            part["edit"] = edit.cpu()
+        if record is not None:
+            part["null_text"] = {"loss_before": record.loss_before.cpu(), "loss_after": record.loss_after.cpu(),
+                                 "iterations": record.iterations.double().cpu()}
+        return part
+
     parts = Partials(folder, partials.settings_of(resolved), "diffguide edit")
-    kept = parts.claim()
-    if kept:
-        print(f"diffguide: resuming: {kept} batch(es) of inversions kept in {parts.dir}", file=sys.stderr)
+    parts.claim("inversions")
     try:
-        for begin in range(0, len(images), s["batch_size"]):
-            key = f"{begin:07d}-{min(begin + s['batch_size'], len(images)):07d}"
-            part = parts.get(key)
-            if part is None:
-                began = time.perf_counter()
-                x0 = fashion_mnist.to_model_range(images[begin:begin + s["batch_size"]]).to(device)
-                y = labels[begin:begin + s["batch_size"]].to(device)
-                rec, edit, nfe_batch, record = _invert_batch(s, denoiser, x0, y, levels, target)
-                part = {"rec": rec.cpu(), "nfe": nfe_batch, "seconds": time.perf_counter() - began}
-                if edit is not None:
-                    part["edit"] = edit.cpu()
-                if record is not None:
-                    part["null_text"] = {"loss_before": record.loss_before.cpu(),
-                                         "loss_after": record.loss_after.cpu(),
-                                         "iterations": record.iterations.double().cpu()}
-                parts.put(key, part)
-            recs.append(part["rec"])
-            nfe = part["nfe"]
-            wall_invert += float(part["seconds"])
-            if "edit" in part:
-                edits.append(part["edit"])
-            if "null_text" in part:
-                losses_before.append(part["null_text"]["loss_before"])
-                losses_after.append(part["null_text"]["loss_after"])
-                iterations.append(part["null_text"]["iterations"])
-    except KeyboardInterrupt:
-        done = sum(len(r) for r in recs)
-        raise Interrupted(f"interrupted: {done} of {len(images)} images inverted and kept in {parts.dir}; "
-                          f"{partials.resume_hint(folder, cfg.out_dir is not None)}") from None
+        done = parts.each_batch(len(images), s["batch_size"], make, "inverted",
+                                partials.resume_hint(folder, cfg.out_dir is not None))
     finally:
         parts.release()
+    recs = [p["rec"] for p in done]
+    edits = [p["edit"] for p in done if "edit" in p]
+    nfe, wall_invert = done[-1]["nfe"], sum(float(p["seconds"]) for p in done)
+    losses_before = [p["null_text"]["loss_before"] for p in done if "null_text" in p]
+    losses_after = [p["null_text"]["loss_after"] for p in done if "null_text" in p]
+    iterations = [p["null_text"]["iterations"] for p in done if "null_text" in p]
     rec = torch.cat(recs)
     source = fashion_mnist.to_model_range(images)
     psnr, ssim = psnr_ssim(rec, source)

@@ -22,6 +22,7 @@ t-interval over the seeds. A sweep still running can be reported at any time: on
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import math
@@ -172,8 +173,6 @@ def safe_name(label: str) -> str:
     """A file-name part from text a run folder gave (a method's name, its settings): letters, digits and ._+=-
     only, no leading dot, at most 80 characters (then a digest of the whole, so two long labels stay apart).
     Nothing read from a results file becomes a path."""
-    import hashlib
-
     name = re.sub(r"[^A-Za-z0-9._+=-]+", "_", label).lstrip("._-") or "method"
     return f"{name[:80]}-{hashlib.sha256(label.encode()).hexdigest()[:8]}" if len(name) > 80 else name
 

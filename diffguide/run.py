@@ -35,7 +35,6 @@ from diffguide.logging.base import NoLogger
 from diffguide.metrics import intervals
 from diffguide.command.config import CONF_DIR, register, validate
 from diffguide.errors import FolderRefused, UserError, instantiate
-from diffguide.store.atomic import DiskFull
 from diffguide.runtime.device import resolve_device, resolve_precision
 from diffguide.store.samples import SampleStore, run_digest
 
@@ -123,7 +122,7 @@ def _run(cfg: DictConfig, out_dir: Path, name: str, group: str | None, progress:
             store.release()
             if not isinstance(exc, UserError):
                 raise
-            problem = exc if isinstance(exc, (FolderRefused, DiskFull)) else FolderRefused(str(exc))
+            problem = exc
     if shard.world > 1 and shard.total(problem is not None):  # every rank learns whether rank 0 could start
         raise problem or UserError("rank 0 could not take the run folder (its error says why)")
     if problem is not None:

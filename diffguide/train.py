@@ -158,16 +158,19 @@ def _record(folder: Path) -> dict | None:
         return {}
 
 
-def _install(folder: Path, pairs: list[tuple[Path, Path]], log) -> list[Path]:
+def _install(folder: Path, pairs: list[tuple[Path, Path]], log) -> None:
     """Copy the folder's weights (and cards) to train.out's place, each by an atomic rename."""
-    written = []
     for made, target in pairs:
         for source, dest in ((folder / made.name, target), ((folder / made.name).with_suffix(".md"),
                                                              target.with_suffix(".md"))):
             atomic_write_bytes(dest, source.read_bytes())
-            written.append(dest)
         log(f"wrote {target} and {target.with_suffix('.md')}")
-    return written
+
+
+def _finished(folder: Path, made: list[Path]) -> tuple[dict | None, bool]:
+    """The folder's record and whether it says a finished training whose products are all there."""
+    record = _record(folder)
+    return record, bool(record and record.get("finished")) and all(p.is_file() for p in made)
 
 
 def train(cfg: DictConfig, log=print) -> dict:
@@ -179,18 +182,16 @@ def train(cfg: DictConfig, log=print) -> dict:
     settings, digest = settings_of(tcfg, device)
     folder = Path(str(cfg.out_dir)) if cfg.out_dir is not None else \
         Path("outputs") / "train" / f"{tcfg.name}-{digest}"
-    record = _record(folder)
+    made = [folder / p.name for p, _ in products(tcfg, Path(str(tcfg.shipped)))]
+    record, done = _finished(folder, made)
     if record is not None and record.get("digest") != digest:
         raise UserError(f"out_dir={folder} holds a training of other settings ({RECORD} names "
                         f"{record.get('settings', {}).get('name', 'another recipe')}, digest "
                         f"{record.get('digest')}); use another out_dir")
-    made = [folder / p.name for p, _ in products(tcfg, Path(str(tcfg.shipped)))]
-    done = bool(record and record.get("finished")) and all(p.is_file() for p in made)
     pairs = _check_destinations(tcfg, made if done else None)
     checks.check_writable(folder, "out_dir" if cfg.out_dir is not None else "the output folder")
     with FolderLock(folder, "diffguide training", "out_dir"):
-        record = _record(folder)  # another process may have finished it while we waited for nothing
-        done = bool(record and record.get("finished")) and all(p.is_file() for p in made)
+        record, done = _finished(folder, made)  # another process may have finished it meanwhile
         if done:
             log(f"already trained in {folder}: {', '.join(p.name for p in made)}")
             stats = record.get("stats", {})
@@ -223,10 +224,9 @@ def _train(cfg, trainer, device, folder: Path, settings: dict, digest: str, made
         raise
     except KeyboardInterrupt:
         raise state.interrupted() from None
-    card_cfg = tcfg.copy()
     for (product, key), final in zip(products(tcfg, staged / Path(str(tcfg.shipped)).name), made):
         os.replace(product, final)
-        write_card(card_cfg, stats if key is None else stats[key], weights=final)
+        write_card(tcfg, stats if key is None else stats[key], weights=final)
     atomic_write_text(folder / RECORD, json.dumps({"digest": digest, "finished": True, "settings": settings,
                                                    "stats": stats}, indent=2, default=str))
     state.clear()

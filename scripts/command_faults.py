@@ -40,6 +40,15 @@ RESULT = {"train": "fmnist_unet_weak.safetensors", "classify": "classify.json", 
           "report": "report/report.csv"}
 
 
+def stderr_lines(err: str) -> list[str]:
+    """Every non-blank line of stderr, whoever wrote it (a progress bar's carriage returns split lines too)."""
+    return [line for line in re.split(r"[\r\n]", err) if line.strip()]
+
+
+def has_traceback(err: str) -> bool:
+    return "Traceback" in err
+
+
 @dataclass
 class Outcome:
     code: int
@@ -48,11 +57,11 @@ class Outcome:
 
     @property
     def lines(self) -> list[str]:
-        return [line for line in re.split(r"[\r\n]", self.err) if line.strip()]
+        return stderr_lines(self.err)
 
     @property
     def traceback(self) -> bool:
-        return "Traceback (most recent call last)" in self.err
+        return has_traceback(self.err)
 
 
 @dataclass

@@ -359,11 +359,11 @@ class Result:
 
     @property
     def lines(self) -> list[str]:
-        return [line for line in re.split(r"[\r\n]", self.stderr) if line.strip()]
+        return command_faults.stderr_lines(self.stderr)
 
     @property
     def traceback(self) -> bool:
-        return "Traceback" in self.stderr
+        return command_faults.has_traceback(self.stderr)
 
     def status(self) -> str:
         return "timeout" if self.code is None else str(self.code)

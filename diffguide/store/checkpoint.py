@@ -1,6 +1,7 @@
 """Self-describing safetensors checkpoints: tensors plus the JSON config that rebuilds the network."""
 
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -57,6 +58,20 @@ def load(path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise UserError(f"weights file {path} is damaged: its tensor data does not match the sha256 recorded when "
                         f"it was saved; restore it (git checkout, or copy it again) or retrain it")
     return tensors, json.loads(metadata["config"])
+
+
+def save_state(path: Path, state: dict) -> None:
+    """A dict of tensors and numbers (a training's or a command's resumable state), torch.save'd and written
+    atomically; `load_state` reads it back without unpickling any code."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_state(path: Path) -> dict:
+    """What `save_state` wrote (torch.load with weights_only=True: tensors, numbers, lists and dicts only); a damaged
+    file raises whatever torch raises for it."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def seal(path: Path) -> None:

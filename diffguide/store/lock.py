@@ -10,7 +10,7 @@ import socket
 import time
 from pathlib import Path
 
-from diffguide.errors import UserError
+from diffguide.errors import FolderRefused
 
 LOCK_NAME = ".diffguide.lock"
 
@@ -23,7 +23,8 @@ class FolderLock:
         self._fd: int | None = None
 
     def acquire(self) -> "FolderLock":
-        """Hold the folder until `release` (or this process's exit); a second holder stops with one line."""
+        """Hold the folder until `release` (or this process's exit); a second holder stops with one line
+        (`FolderRefused`: it has changed nothing there)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -31,7 +32,7 @@ class FolderLock:
         except OSError:
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise UserError(f"{self.folder} is in use by another {self.what} ({holder}); wait for it to finish, "
+            raise FolderRefused(f"{self.folder} is in use by another {self.what} ({holder}); wait for it to finish, "
                             f"or use another {self.key}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since "

@@ -4,17 +4,17 @@ Ctrl-C keeps them and does only the rest.
 
 `FOLDER/parts/settings.json` names what they were made with; a folder holding parts of other settings is refused
 (`FolderRefused`, naming what differs), as a run refuses samples of other settings. One process at a time holds the
-folder (`store.lock.FolderLock`). Parts are torch.save'd dicts of tensors and numbers, read back with
-`weights_only=True`: nothing in them is unpickled as code; a damaged part is made again."""
+folder (`store.lock.FolderLock`). Parts are `checkpoint.save_state` files, read back without unpickling code; a
+damaged part is made again."""
 
-import io
 import json
+import sys
+import time
 from pathlib import Path
 
-import torch
-
-from diffguide.errors import FolderRefused
-from diffguide.store.atomic import atomic_write_bytes, atomic_write_text, clean_stale_temps
+from diffguide.errors import FolderRefused, Interrupted
+from diffguide.store.atomic import atomic_write_text, clean_stale_temps
+from diffguide.store.checkpoint import load_state, save_state
 from diffguide.store.lock import FolderLock
 
 
@@ -34,8 +34,9 @@ class Partials:
         self.settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
         self.lock = FolderLock(self.folder, what)
 
-    def claim(self) -> int:
-        """Hold the folder and check its parts are of these settings; returns how many it keeps."""
+    def claim(self, noun: str) -> int:
+        """Hold the folder and check its parts are of these settings; returns how many it keeps (and says so on
+        stderr, as batches of `noun`, when it keeps any)."""
         self.lock.acquire()
         try:
             path = self.dir / "settings.json"
@@ -58,6 +59,8 @@ class Partials:
             clean_stale_temps(self.dir)
             if previous != self.settings:
                 atomic_write_text(path, json.dumps(self.settings, indent=2, sort_keys=True))
+            if kept:
+                print(f"diffguide: resuming: {len(kept)} batch(es) of {noun} kept in {self.dir}", file=sys.stderr)
             return len(kept)
         except BaseException:
             self.lock.release()
@@ -75,15 +78,38 @@ class Partials:
         if not path.is_file():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return load_state(path)
         except Exception:
             path.unlink(missing_ok=True)
             return None
 
     def put(self, key: str, value: dict) -> None:
-        buffer = io.BytesIO()
-        torch.save(value, buffer)
-        atomic_write_bytes(self.dir / f"{key}.pt", buffer.getvalue())
+        save_state(self.dir / f"{key}.pt", value)
+
+    def each_batch(self, total: int, size: int, make, verb: str, hint: str, progress=None) -> list[dict]:
+        """Every batch's part, in order, for images 0..total-1 `size` at a time: a kept one read back, the others
+        made by `make(begin, end)` (a dict of tensors and numbers; its `seconds` added) and kept as soon as made.
+        `progress(n)` after each batch of n images. A Ctrl-C raises `Interrupted`, saying how many images are
+        `verb` and kept, and `hint` (how to resume)."""
+        parts, finished = [], 0
+        try:
+            for begin in range(0, total, size):
+                end = min(begin + size, total)
+                key = f"{begin:07d}-{end:07d}"
+                part = self.get(key)
+                if part is None:
+                    began = time.perf_counter()
+                    part = make(begin, end)
+                    part["seconds"] = time.perf_counter() - began
+                    self.put(key, part)
+                parts.append(part)
+                finished = end
+                if progress is not None:
+                    progress(end - begin)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted: {finished} of {total} images {verb} and kept in {self.dir}; "
+                              f"{hint}") from None
+        return parts
 
 
 def settings_of(resolved: dict, leave_out: tuple[str, ...] = ("out_dir", "device", "grid_size")) -> dict:

@@ -78,15 +78,17 @@ class Attempts:
         self.path = self.out_dir / (ATTEMPTS if rank == 0 else f"attempts.rank{rank}.json")
         self.key = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()} pid {os.getpid()} " \
                    f"{secrets.token_hex(3)}"
+        self._entries: dict | None = None  # the file as this attempt found it, read once (the folder is locked)
 
     def record(self, images: int, seconds: float) -> None:
-        entries = _entries(self.path)
-        if not entries and self.path.name == ATTEMPTS:
-            before = _metrics_totals(self.out_dir)
-            if before is not None:
-                entries["before this file"] = before
-        entries[self.key] = {"images": int(images), "seconds": round(float(seconds), 3)}
-        atomic_write_text(self.path, json.dumps(entries, indent=1))
+        if self._entries is None:
+            self._entries = _entries(self.path)
+            if not self._entries and self.path.name == ATTEMPTS:
+                before = _metrics_totals(self.out_dir)
+                if before is not None:
+                    self._entries["before this file"] = before
+        self._entries[self.key] = {"images": int(images), "seconds": round(float(seconds), 3)}
+        atomic_write_text(self.path, json.dumps(self._entries, indent=1))
 
 
 def _entries(path: Path) -> dict:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from diffguide.store.checkpoint import atomic_write_bytes, atomic_write_text, clean_stale_temps
-from diffguide.errors import UserError
+from diffguide.errors import FolderRefused
 from diffguide.store.lock import FolderLock
 
 _NAME = re.compile(r"^(\d{6,})\.png$")
@@ -195,12 +195,12 @@ class SampleStore:
             self.dir.mkdir(parents=True, exist_ok=True)
             return run_digest(previous)
         if isinstance(previous, dict):
-            raise UserError(_settings_differ(self.out_dir, previous, fingerprint, files or {}))
+            raise FolderRefused(_settings_differ(self.out_dir, previous, fingerprint, files or {}))
         # sampling.json is gone or damaged: the samples say which run made them (damaged ones are remade later)
         runs = {meta.get("run") for meta in map(_try_meta, self.dir.glob("*.png")) if meta is not None}
         what = "is damaged" if previous == "damaged" else "is missing"
         if runs != {run_id}:
-            raise UserError(f"{self.fingerprint_path} {what} and the samples in {self.dir} were not all made with "
+            raise FolderRefused(f"{self.fingerprint_path} {what} and the samples in {self.dir} were not all made with "
                             f"these settings; use another out_dir, or delete that folder to start over")
         atomic_write_text(self.fingerprint_path, text)
         print(f"diffguide: warning: {self.fingerprint_path} {what}; rebuilt it from the samples, which were all "
@@ -217,7 +217,7 @@ class SampleStore:
 
         for i in indices:
             if not self.path(i).is_file():  # a folder or a device under a sample's name: not ours to delete
-                raise UserError(f"{self.path(i)} is not a file; move it out of {self.dir} and run again")
+                raise FolderRefused(f"{self.path(i)} is not a file; move it out of {self.dir} and run again")
 
         labels = dict(zip(indices, labels_for(indices, num_classes).tolist()))
 

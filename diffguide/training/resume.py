@@ -13,7 +13,6 @@ says where; a second Ctrl-C interrupts at once (the state of the last periodic s
 
 import contextlib
 import contextvars
-import io
 import signal
 import threading
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from diffguide.errors import Interrupted, UserError
-from diffguide.store.atomic import atomic_write_bytes
+from diffguide.store import checkpoint
 
 _ACTIVE: contextvars.ContextVar["TrainingState | None"] = contextvars.ContextVar("diffguide_training_state",
                                                                                   default=None)
@@ -47,15 +46,13 @@ class TrainingState:
         if not path.is_file():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return checkpoint.load_state(path)
         except Exception as exc:
             raise UserError(f"the training state {path} cannot be read ({type(exc).__name__}); delete it to start "
                             f"that part of the training over") from None
 
     def save(self, path: Path, state: dict) -> None:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
+        checkpoint.save_state(path, state)
         self.last = (int(state["step"]), int(state["total"]), path)
 
     def clear(self) -> None:
