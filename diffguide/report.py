@@ -39,7 +39,8 @@ from diffguide.metrics import intervals
 FIXED = ["guidance", "scale", "model", "sampler", "steps", "seed", "status", "reason", "nfe", "num_samples"]
 #: the statistics the table shows, in order: (name in intervals.NAMES or fid_inf, number format)
 SHOWN = [("fid", "{:.2f}"), ("fid_inf", "{:.2f}"), ("class_accuracy", "{:.3f}"), ("precision", "{:.3f}"),
-         ("recall", "{:.3f}"), ("isc", "{:.2f}"), ("kid", "{:.4f}")]
+         ("recall", "{:.3f}"), ("isc", "{:.2f}"), ("kid", "{:.4f}"), ("clip_score", "{:.2f}"),
+         ("pick_score", "{:.3f}")]
 
 
 def collect(sweep: Path) -> tuple[list[dict], list[results.Skipped]]:

@@ -21,9 +21,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra._internal.utils import get_args_parser
 from hydra.errors import HydraException, InstantiationException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from diffguide.data import prompts as prompt_lib
+from diffguide.models.text import is_text
 from diffguide.store import checkpoint
 from diffguide.command import checks
 from diffguide.runtime import distributed, slurm
@@ -95,6 +97,7 @@ def _run(cfg: DictConfig, out_dir: Path, name: str, group: str | None, progress:
     # the libraries' warnings of this phase are shown only once it has passed.
     with warnings.catch_warnings(record=True) as caught:
         denoiser = instantiate(cfg.model).to(device)
+        check_conditions(cfg, denoiser)
         denoiser.set_precision(dtype)
         sampler = instantiate(cfg.sampler)
         sampler.check(denoiser)
@@ -139,6 +142,31 @@ def _run(cfg: DictConfig, out_dir: Path, name: str, group: str | None, progress:
         store.release()
 
 
+def check_conditions(cfg: DictConfig, denoiser) -> None:
+    """Prompts go to text-to-image models only; `prompts.images_per_prompt=k` makes num_samples P * k."""
+    if not is_text(denoiser):
+        if prompt_lib.given(cfg.get("prompts")):
+            raise UserError(f"prompts are the conditions of a text-to-image model (model=sd15, sd21, sdxl, sd3, "
+                            f"flux_dev, flux_schnell, pixart_sigma); model={_model_name(cfg)} is class-conditional: "
+                            f"leave prompts out")
+        return
+    per_prompt = cfg.prompts.get("images_per_prompt") if cfg.get("prompts") is not None else None
+    if per_prompt is not None:
+        if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
+            raise UserError(f"prompts.images_per_prompt must be a whole number >= 1, or null (num_samples images, "
+                            f"prompt i mod P for sample i) (got {per_prompt!r})")
+        with open_dict(cfg):
+            cfg.num_samples = len(denoiser.prompt_set) * per_prompt
+
+
+def _model_name(cfg: DictConfig) -> str:
+    target = str(cfg.model.get("_target_", "")) if cfg.get("model") is not None else ""
+    try:
+        return HydraConfig.get().runtime.choices.get("model", target)
+    except ValueError:
+        return target.rsplit(".", 2)[-2] if "." in target else target or "?"
+
+
 def _sample_and_score(cfg, out_dir, name, group, shard, device, total_start, denoiser, sampler, guidance, metric,
                       store, file_digests: dict[str, str]) -> dict:
     logger = instantiate(cfg.logger) if shard.main else NoLogger()
@@ -164,12 +192,15 @@ def _sample_and_score(cfg, out_dir, name, group, shard, device, total_start, den
         grid = store.write_grid(cfg.grid_size)
         score_start = time.perf_counter()
         # features.npz: the per-sample statistics the report's paired differences resample (no network again)
-        scores = metric(store.dir, [m["label"] for m in metas], device, stats_path=out_dir / "features.npz")
+        scores = metric(store.dir, [m["label"] for m in metas], device, stats_path=out_dir / "features.npz",
+                        prompts=[m["prompt"] for m in metas] if is_text(denoiser) else None)
         metric_files = dependency_files(resolved["metric"], "metric") if isinstance(resolved["metric"], dict) else {}
         result = {**results.point(guidance.name, guidance.scale, sampler.name, cfg.steps), **scores,
                   "nfe": sum(m["nfe"] for m in metas) / len(metas), "num_samples": cfg.num_samples, **sampling,
                   **results.sampling_totals(out_dir),
                   "noise_levels": noise_levels(sampler, denoiser),
+                  **({"prompt_set": {"source": denoiser.prompt_set.source, "prompts": len(denoiser.prompt_set),
+                                     "digest": denoiser.prompt_set.digest}} if is_text(denoiser) else {}),
                   "scoring_wall_s": round(time.perf_counter() - score_start, 3),
                   "wall_time_s": round(time.perf_counter() - total_start, 3), "device": str(device),
                   "files_sha256": {**file_digests,

@@ -13,6 +13,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from diffguide.errors import UserError
 from diffguide.runtime.device import resolve_device
+from diffguide.data import prompts
 from diffguide.store.checkpoint import asset_path
 
 _HERE = Path(__file__).resolve().parent.parent  # the package
@@ -44,6 +45,7 @@ class RunConfig:
     classifier: Any = None
     metric: Any = None
     logger: Any = None
+    prompts: Any = None
     scale: Optional[float] = None  # null: the guidance method's paper default
     steps: int = 25
     num_samples: int = 1000
@@ -77,6 +79,7 @@ def job_dirname(overrides, exclude) -> str:
 def register() -> None:
     """Resolvers and schemas; safe to call more than once."""
     OmegaConf.register_new_resolver("dg.asset", asset_path, replace=True)
+    OmegaConf.register_new_resolver("dg.data", prompts.shipped, replace=True)
     OmegaConf.register_new_resolver("dg.or", _first_not_null, replace=True)
     OmegaConf.register_new_resolver("dg.job_dirname", job_dirname, replace=True)
     ConfigStore.instance().store(name="run_schema", node=RunConfig)

@@ -55,7 +55,8 @@ class Metric:
         pass
 
     def __call__(self, samples_dir: Path, labels: list[int], device: torch.device,
-                 stats_path: Path | None = None) -> dict[str, float]:
+                 stats_path: Path | None = None, prompts: list[str] | None = None) -> dict[str, float]:
+        """The scores of samples 0..len(labels)-1 in `samples_dir`; `prompts`: each sample's prompt (text models)."""
         return {}
 
 
@@ -129,7 +130,7 @@ class FidelityMetric(Metric):
                 raise UserError(f"metric.reference={path}: the metrics turned on need at least {least} reference "
                                 f"images; arr_0 holds {count}")
 
-    def __call__(self, samples_dir, labels, device, stats_path: Path | None = None):
+    def __call__(self, samples_dir, labels, device, stats_path: Path | None = None, prompts=None):
         """The scores, each with its bootstrap interval (`NAME_lo`, `NAME_hi`), and FID-infinity; `stats_path`: where
         to keep the per-sample statistics (features.npz) that paired differences are computed from later."""
         scores, stats = self.score(samples_dir, labels, device)

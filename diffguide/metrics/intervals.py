@@ -27,8 +27,11 @@ from diffguide.store import atomic
 
 LEVEL = 0.95
 #: the arrays of `PointStats` with one row per generated sample
-_PER_SAMPLE = ("features", "kxy_mean", "in_reference", "logits", "correct")
-NAMES = ("fid", "kid", "isc", "precision", "recall", "class_accuracy")
+_PER_SAMPLE = ("features", "kxy_mean", "in_reference", "logits", "correct", "clip_score", "pick_score")
+NAMES = ("fid", "kid", "isc", "precision", "recall", "class_accuracy", "clip_score", "pick_score")
+#: the statistics that are a mean of one number per sample: the field of PointStats holding it
+_MEANS = {"precision": "in_reference", "class_accuracy": "correct", "clip_score": "clip_score",
+          "pick_score": "pick_score"}
 
 
 @dataclass
@@ -46,6 +49,8 @@ class PointStats:
     n_reference: int | None = None          # reference images recall averages over
     logits: np.ndarray | None = None        # (N, C) IS logits
     correct: np.ndarray | None = None       # (N,) class accuracy: the evaluator agrees with the label
+    clip_score: np.ndarray | None = None    # (N,) 100 cos(CLIP image, CLIP prompt) of each sample
+    pick_score: np.ndarray | None = None    # (N,) PickScore's logit_scale cos(image, prompt) of each sample
 
     def __len__(self):
         return len(self.labels)
@@ -80,7 +85,8 @@ class PointStats:
 
     def available(self) -> list[str]:
         need = {"fid": self.ref_sigma, "kid": self.kxy_mean, "isc": self.logits, "precision": self.in_reference,
-                "recall": self.covers, "class_accuracy": self.correct}
+                "recall": self.covers, "class_accuracy": self.correct, "clip_score": self.clip_score,
+                "pick_score": self.pick_score}
         return [name for name in NAMES if need[name] is not None]
 
 
@@ -224,12 +230,10 @@ def replicates(stats: PointStats, name: str, weights: np.ndarray) -> np.ndarray:
         return kid_replicates(stats.features, stats.kxy_mean, stats.kid_kernel, weights)
     if name == "isc":
         return isc_replicates(stats.logits, weights)
-    if name == "precision":
-        return mean_replicates(stats.in_reference, weights)
+    if name in _MEANS:
+        return mean_replicates(getattr(stats, _MEANS[name]), weights)
     if name == "recall":
         return recall_replicates(stats.covers, len(stats), stats.n_reference, weights)
-    if name == "class_accuracy":
-        return mean_replicates(stats.correct, weights)
     raise ValueError(name)
 
 
@@ -248,7 +252,8 @@ def intervals(stats: PointStats, estimates: dict[str, float], replicate_count: i
 
 
 _RANGE = {"fid": (0.0, np.inf), "kid": (-np.inf, np.inf), "isc": (1.0, np.inf), "precision": (0.0, 1.0),
-          "recall": (0.0, 1.0), "class_accuracy": (0.0, 1.0)}
+          "recall": (0.0, 1.0), "class_accuracy": (0.0, 1.0), "clip_score": (-100.0, 100.0),
+          "pick_score": (-np.inf, np.inf)}
 
 
 def paired_difference(a: PointStats, b: PointStats, name: str, estimate: float, replicate_count: int,

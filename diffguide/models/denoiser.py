@@ -34,6 +34,9 @@ class Denoiser(nn.Module):
     `captured_variance` gives the sampler those of the prediction it asks for (sampler.variance=learned).
     """
 
+    #: "class": labels are class indices; "text": indices into the run's prompt set (diffguide/models/text.py)
+    conditioning = "class"
+
     def __init__(self, alphas_cumprod: torch.Tensor | None, sample_shape: Sequence[int], num_classes: int,
                  null_class: int | None, scheduler_config: dict, data_range: tuple[float, float] | None = None,
                  schedule: Schedule | None = None, parameterisation: str | param_lib.Parameterisation = "eps"):

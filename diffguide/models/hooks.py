@@ -75,12 +75,15 @@ class Parts:
         never a class or label embedding (TSG perturbs them; a module may be called more than once in a forward).
     label_embeddings: the modules mapping class labels (batch,) to class embeddings (batch, dim), the null class's
         row included (null-text inversion replaces that row's output per image).
+    names: each block's name in the network (diffusers' module path: "down_blocks.1.attentions.0.transformer_blocks.0"),
+        where the family gives them, so that a method's layer list can be read against the paper's.
     """
 
     blocks: list[nn.Module] = field(default_factory=list)
     attention: list[nn.Module | None] = field(default_factory=list)
     time_embeddings: list[nn.Module] = field(default_factory=list)
     label_embeddings: list[nn.Module] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.attention:

@@ -4,6 +4,7 @@ cannot be had (offline cluster nodes, no cache, a typo in the id)."""
 import importlib.util
 import os
 import socket
+from contextlib import contextmanager
 from urllib.parse import urlparse
 
 from diffguide.errors import UserError
@@ -68,10 +69,36 @@ def from_pretrained(cls, source: str, key: str, subfolder: str | None = None, wh
     if importlib.util.find_spec("accelerate") is None:  # diffusers models: else a warning on every load
         kwargs.setdefault("low_cpu_mem_usage", False)
     _go_local_if_hub_unreachable(source, kwargs)
+    if subfolder is not None:  # a pipeline takes no subfolder (and warns of one on stderr)
+        kwargs["subfolder"] = subfolder
     try:
-        return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
+        with quiet_loading():
+            return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:  # huggingface_hub's not-found and offline errors are OSErrors
         raise not_found(source, what, key, exc) from None
+
+
+@contextmanager
+def quiet_loading():
+    """No progress bars while diffusers and transformers load weights: stderr is for what went wrong."""
+    from diffusers.utils import logging as diffusers_logging
+
+    bars = [diffusers_logging]
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        bars.append(transformers_logging)
+    except ImportError:
+        pass
+    enabled = [lib.is_progress_bar_enabled() for lib in bars]
+    for lib in bars:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, on in zip(bars, enabled):
+            if on:
+                lib.enable_progress_bar()
 
 
 def _go_local_if_hub_unreachable(source: str, kwargs: dict) -> None:

@@ -9,6 +9,7 @@ from tqdm import tqdm
 from diffguide.store.atomic import DiskFull, human_bytes
 from diffguide.runtime.distributed import Shard
 from diffguide.errors import UserError
+from diffguide.models.text import is_text
 from diffguide.store.samples import SampleStore, initial_noise, labels_for, to_uint8
 
 
@@ -56,9 +57,12 @@ def generate(denoiser, sampler, guidance, store: SampleStore, device, logger, *,
             pixels = to_uint8(denoiser.decode(x0))
             nfe_each = nfe.tolist() if torch.is_tensor(nfe) else [float(nfe)] * len(indices)
             for index, image, label, sample_nfe in zip(indices, pixels, labels.tolist(), nfe_each):
+                meta = {"seed": seed + index, "label": label, "nfe": sample_nfe, "run": store.run_id}
+                if is_text(denoiser):  # the prompt (and negative prompt) travel with the image
+                    prompt, negative = denoiser.prompt_of(label)
+                    meta.update(prompt=prompt, negative_prompt=negative)
                 try:
-                    store.write(index, image, {"seed": seed + index, "label": label, "nfe": sample_nfe,
-                                               "run": store.run_id})
+                    store.write(index, image, meta)
                 except DiskFull as exc:
                     left = len(missing) - done
                     sizes = [p.stat().st_size for p in list(store.dir.glob("*.png"))[:100]] or [image.nbytes]

@@ -4,8 +4,9 @@ Sample i starts from noise drawn with seed `seed + i` and keeps its own generato
 depends on neither the batch size nor the split of the work, and a rerun can make exactly the missing ones.
 """
 
-import hashlib
+import csv
 import io
+import hashlib
 import json
 import os
 import re
@@ -264,10 +265,18 @@ class SampleStore:
         return [read_meta(self.path(i)) for i in range(num_samples)]
 
     def write_labels(self, metas: Iterable[dict]) -> Path:
-        lines = ["index,label,seed,nfe"] + [f"{m['index']},{m.get('label', '')},{m['seed']},{m['nfe']:g}"
-                                             for m in metas]
+        """labels.csv: each sample's index, label (a class, or a prompt's index in the set), seed and network
+        evaluations, and for a text model its prompt and negative prompt (quoted as CSV needs)."""
+        metas = list(metas)
+        text = any("prompt" in m for m in metas)
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["index", "label", "seed", "nfe"] + (["prompt", "negative_prompt"] if text else []))
+        for m in metas:
+            row = [m["index"], m.get("label", ""), m["seed"], f"{m['nfe']:g}"]
+            writer.writerow(row + ([m.get("prompt", ""), m.get("negative_prompt") or ""] if text else []))
         path = self.out_dir / "labels.csv"
-        atomic_write_text(path, "\n".join(lines) + "\n")
+        atomic_write_text(path, out.getvalue())
         return path
 
     def write_grid(self, count: int) -> Path | None:
