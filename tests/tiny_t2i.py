@@ -155,3 +155,70 @@ def clip_folder(path: Path) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def sd3_folder(path: Path, with_t5: bool = True) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer(path / "_tok")
+    t5_tok = t5_tokenizer(path / "_t5")
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=64, pooled_projection_dim=64, out_channels=4)
+    _randomise(transformer)
+    text_encoder = CLIPTextModelWithProjection(clip_text_config(tokenizer, projection=32))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer, projection=32))
+    t5 = None
+    if with_t5:
+        from transformers import T5Config, T5EncoderModel
+
+        t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=64, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                                     relative_attention_num_buckets=8, decoder_start_token_id=0))
+    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer,
+                                    vae=_vae(shift_factor=0.0609, scaling_factor=1.5305), text_encoder=text_encoder,
+                                    tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
+                                    text_encoder_3=t5, tokenizer_3=t5_tok if with_t5 else None)
+    pipe.save_pretrained(path)
+    return path
+
+
+def flux_folder(path: Path, guidance_embeds: bool = True) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer(path / "_tok")
+    t5_tok = t5_tokenizer(path / "_t5")
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+                                         guidance_embeds=guidance_embeds)
+    _randomise(transformer)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=guidance_embeds, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=_vae(shift_factor=0.1159, scaling_factor=0.3611),
+                        text_encoder=CLIPTextModel(clip_text_config(tokenizer)), tokenizer=tokenizer,
+                        text_encoder_2=t5_encoder(t5_tok), tokenizer_2=t5_tok, transformer=transformer)
+    pipe.save_pretrained(path)
+    return path
+
+
+def pixart_folder(path: Path) -> Path:
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    t5_tok = t5_tokenizer(path / "_t5")
+    transformer = PixArtTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                           num_attention_heads=3, caption_channels=32, in_channels=4,
+                                           cross_attention_dim=24, out_channels=8, attention_bias=True,
+                                           activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                           norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    _randomise(transformer)
+    scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False,
+                              set_alpha_to_one=True)
+    pipe = PixArtSigmaPipeline(tokenizer=t5_tok, text_encoder=t5_encoder(t5_tok), vae=_vae(),
+                               transformer=transformer, scheduler=scheduler)
+    pipe.save_pretrained(path)
+    return path

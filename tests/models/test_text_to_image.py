@@ -110,3 +110,74 @@ def test_prompts_travel_with_the_samples(sd_path, tmp_path):
     meta = json.loads(Image.open(out / "samples" / "000003.png").text["diffguide"])
     assert (meta["prompt"], meta["negative_prompt"], meta["seed"], meta["label"]) == ("two shoes", "ugly", 3, 1)
     assert len(result["prompt_set"]["digest"]) == 16
+
+
+@pytest.fixture(scope="module")
+def sd3_path(tmp_path_factory):
+    return tiny_t2i.sd3_folder(tmp_path_factory.mktemp("sd3"))
+
+
+@pytest.fixture(scope="module")
+def flux_dev_path(tmp_path_factory):
+    return tiny_t2i.flux_folder(tmp_path_factory.mktemp("flux_dev"), guidance_embeds=True)
+
+
+@pytest.fixture(scope="module")
+def flux_schnell_path(tmp_path_factory):
+    return tiny_t2i.flux_folder(tmp_path_factory.mktemp("flux_schnell"), guidance_embeds=False)
+
+
+@pytest.fixture(scope="module")
+def pixart_path(tmp_path_factory):
+    return tiny_t2i.pixart_folder(tmp_path_factory.mktemp("pixart"))
+
+
+@pytest.mark.parametrize("negative", [None, "blurry"])
+def test_sd3_cfg_matches_the_sd3_pipeline(sd3_path, tmp_path, negative):
+    """StableDiffusion3Pipeline: CFG on the transformer's velocity (`noise_pred_uncond + self.guidance_scale *
+    (noise_pred_text - noise_pred_uncond)`), FlowMatchEulerDiscreteScheduler (shift 3) at the scheduler's timesteps
+    (sigma x 1000) as the transformer's time, latents / scaling_factor + shift_factor into the VAE."""
+    from diffusers import StableDiffusion3Pipeline
+
+    extra = [f"prompts.negative_prompt={negative}"] if negative else []
+    _run("sd3", sd3_path, tmp_path / "ours", "sampler=euler", *extra)
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_path)
+    _compare(pipe, tmp_path / "ours", 3, 4, 3.0, 5, negative=negative, height=16, width=16)
+
+
+def test_flux_dev_distilled_guidance_matches_the_flux_pipeline(flux_dev_path, tmp_path):
+    """FluxPipeline (pipeline_flux.py): no CFG by default; `guidance = torch.full([1], guidance_scale)` goes into the
+    transformer's guidance embedding, `timestep=timestep / 1000`, latents packed 2x2, the grid
+    linspace(1, 1/N, N) shifted by mu = calculate_shift(image tokens): guidance=distilled scale=3.5, one evaluation
+    per step."""
+    from diffusers import FluxPipeline
+
+    result = _run("flux_dev", flux_dev_path, tmp_path / "ours", "sampler=euler", "guidance=distilled",
+                  "model.resolution=16", scale=3.5)
+    assert result["nfe"] == 4
+    pipe = FluxPipeline.from_pretrained(flux_dev_path)
+    _compare(pipe, tmp_path / "ours", 3, 4, 3.5, 5, height=16, width=16)
+
+
+def test_flux_true_cfg_matches_the_pipelines_true_cfg_scale(flux_schnell_path, tmp_path):
+    """FluxPipeline with a negative prompt and true_cfg_scale > 1: `noise_pred = neg_noise_pred + true_cfg_scale *
+    (noise_pred - neg_noise_pred)`: guidance=cfg scale=true_cfg_scale with prompts.negative_prompt (schnell: no
+    guidance input, no dynamic shifting)."""
+    from diffusers import FluxPipeline
+
+    _run("flux_schnell", flux_schnell_path, tmp_path / "ours", "sampler=euler", "model.resolution=16",
+         "prompts.negative_prompt=blurry", scale=2.5)
+    pipe = FluxPipeline.from_pretrained(flux_schnell_path)
+    _compare(pipe, tmp_path / "ours", 3, 4, 1.0, 5, negative="blurry", true_cfg_scale=2.5, height=16, width=16,
+             max_sequence_length=256)  # conf/model/flux_schnell.yaml's: T5 sees its padding, so the length counts
+
+
+def test_pixart_sigma_cfg_matches_the_pixart_pipeline(pixart_path, tmp_path):
+    """PixArtSigmaPipeline: CFG on eps of a learned-variance DiT (`noise_pred.chunk(2, dim=1)[0]`), T5 embeddings
+    with their attention mask, the negative prompt "" by default (resolution binning off: diffguide samples the
+    size given)."""
+    from diffusers import PixArtSigmaPipeline
+
+    _run("pixart_sigma", pixart_path, tmp_path / "ours", "prompts.negative_prompt=''")
+    pipe = PixArtSigmaPipeline.from_pretrained(pixart_path)
+    _compare(pipe, tmp_path / "ours", 3, 4, 3.0, 5, negative="", use_resolution_binning=False, clean_caption=False)
