@@ -109,6 +109,8 @@ def _run(cfg: DictConfig, out_dir: Path, name: str, group: str | None, progress:
         settings, files = fingerprint(cfg)
     for w in caught:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    for notice in getattr(denoiser, "notices", []):
+        print(f"diffguide: warning: {notice}", file=sys.stderr)
 
     store = SampleStore(out_dir)
     problem = None

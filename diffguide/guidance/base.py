@@ -135,7 +135,11 @@ class Guidance:
 
     @staticmethod
     def check_classes(classifier, denoiser: Denoiser) -> None:
-        """A guiding classifier must know the model's classes (any classes do for an unconditional model)."""
+        """A guiding classifier must know the model's classes (any classes do for an unconditional model); a
+        text-to-image model's conditions are prompts, which no class classifier can guide towards."""
+        if getattr(denoiser, "conditioning", "class") == "text":
+            raise UserError(f"a classifier guides towards class labels; model {type(denoiser).__name__} is "
+                            f"conditioned on prompts: use a prompt-conditioned method (cfg, cfgpp, apg, pag, ...)")
         if denoiser.num_classes and classifier.num_classes != denoiser.num_classes:
             raise UserError(f"the classifier knows {classifier.num_classes} classes, the model "
                             f"{denoiser.num_classes}: choose a classifier of this model's classes with classifier=NAME "

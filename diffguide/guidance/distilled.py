@@ -17,7 +17,7 @@ class Distilled(CFGLike):
     def check(self, denoiser):
         if not getattr(denoiser, "guidance_input", False):
             raise UserError("guidance=distilled needs a guidance-distilled student (model=fmnist_guided_student, "
-                            "fmnist_guided_student_lora, fmnist_guided_student_8step, ...): this model has no "
+                            "fmnist_guided_student_lora, fmnist_guided_student_8step, ..., or flux_dev): this model has no "
                             "guidance-scale input")
         denoiser.check_scale(self.scale)
 

@@ -38,7 +38,8 @@ class _Scorer:
         from diffguide.models.text import quiet_diffusers
 
         with quiet_diffusers():
-            self.model = hub.from_pretrained(AutoModel, source, key, None, what="a CLIP model").eval()
+            self.model = hub.from_pretrained(AutoModel, source, key, None,
+                                            what="a CLIP model").eval().requires_grad_(False)
             self.processor = hub.from_pretrained(AutoProcessor, processor_source or source,
                                                  key if processor_source is None else key.replace("model", "processor"),
                                                  None, what="a CLIP processor")

@@ -87,7 +87,10 @@ class LatentTextDenoiser(TextConditioned, Denoiser):
 def _unet_parts(unet):
     """blocks: the UNet's transformer blocks (BasicTransformerBlock) in forward order, each with its self-attention
     `attn1`: the layers PAG and SEG perturb, named by diffusers' own identifiers (down_blocks.i.attentions.j...,
-    mid_block..., up_blocks...) so that a method's layer list can pick them."""
+    mid_block..., up_blocks...) so that a method's layer list can pick them; blocks=null picks the mid block's
+    first (perturbation.default_blocks: diffusers' pag_applied_layers="mid" on SD and SDXL).
+    time_embeddings: `unet.time_embedding`, the timestep path alone (SDXL adds its text-and-size embedding
+    `add_embedding` after it, which TSG leaves as it is)."""
     from diffusers.models.attention import BasicTransformerBlock
 
     from diffguide.models.hooks import Parts
@@ -97,7 +100,8 @@ def _unet_parts(unet):
         if isinstance(module, BasicTransformerBlock):
             names.append(name)
             blocks.append(module)
-    return Parts(blocks=blocks, attention=[block.attn1 for block in blocks], names=names)
+    return Parts(blocks=blocks, attention=[block.attn1 for block in blocks], names=names,
+                 time_embeddings=[unet.time_embedding])
 
 
 class StableDiffusion(LatentTextDenoiser):

@@ -13,7 +13,6 @@ own negative. Encodings are made on first use, a batch of distinct strings per e
 cache: COCO-30k's 30k SDXL encodings would take 9 GB).
 """
 
-import sys
 from collections import OrderedDict
 from contextlib import contextmanager
 
@@ -60,6 +59,8 @@ class TextConditioned:
         self.num_classes = len(prompt_set)
         self.null_class = first_negative
         self._cache: OrderedDict[int, dict] = OrderedDict()
+        #: warnings for the user, said by the entry point once every check has passed (an error stays one line)
+        self.notices: list[str] = []
         self._warn_truncated()
 
     def _warn_truncated(self) -> None:
@@ -69,8 +70,8 @@ class TextConditioned:
                 lengths = [len(ids) for ids in tokenizer(strings, truncation=False).input_ids]
             over = sum(length > limit for length in lengths)
             if over:
-                print(f"diffguide: warning: {over} of {len(strings)} prompts are longer than {name}'s {limit} tokens "
-                      f"and are truncated to them, as the pipeline does", file=sys.stderr)
+                self.notices.append(f"{over} of {len(strings)} prompts are longer than {name}'s {limit} tokens and "
+                                    f"are truncated to them, as the pipeline does")
 
     def token_limits(self) -> list[tuple[str, object, int]]:
         """(name, tokenizer, tokens it keeps) of each text encoder's tokenizer."""

@@ -181,3 +181,126 @@ def test_pixart_sigma_cfg_matches_the_pixart_pipeline(pixart_path, tmp_path):
     _run("pixart_sigma", pixart_path, tmp_path / "ours", "prompts.negative_prompt=''")
     pipe = PixArtSigmaPipeline.from_pretrained(pixart_path)
     _compare(pipe, tmp_path / "ours", 3, 4, 3.0, 5, negative="", use_resolution_binning=False, clean_caption=False)
+
+
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory):
+    return tiny_t2i.clip_folder(tmp_path_factory.mktemp("clip"))
+
+
+def _images(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, 16, 16), generator=g, dtype=torch.uint8) for _ in range(n)]
+
+
+def test_clip_score_is_torchmetrics_clip_score_kept_per_sample(clip_path):
+    """The mean of our per-sample CLIP scores is torchmetrics' CLIPScore on the same images, prompts and CLIP
+    (torchmetrics/functional/multimodal/clip_score.py: `100 * (source_features * target_features).sum(axis=-1)`
+    of normalised features, averaged)."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    from diffguide.metrics.text import TextMetrics
+
+    images, prompts = _images(5), ["a red shirt", "a cat", "two shoes", "a bag", "a dress"]
+    metric = TextMetrics(clip_model=str(clip_path), batch_size=2)
+    metric.check(5)
+    ours = metric.per_sample(images, prompts, torch.device("cpu"))["clip_score"]
+    class Features(CLIPModel):
+        """torchmetrics 1.9 expects the tensors transformers 4 returned from get_*_features; transformers 5
+        returns an output whose pooler_output is that tensor (modeling_clip.py: `vision_outputs.pooler_output =
+        self.visual_projection(pooled_output)`)."""
+
+        def get_image_features(self, *args, **kwargs):
+            return super().get_image_features(*args, **kwargs).pooler_output
+
+        def get_text_features(self, *args, **kwargs):
+            return super().get_text_features(*args, **kwargs).pooler_output
+
+    peer = CLIPScore(model_name_or_path=lambda: (Features.from_pretrained(clip_path),
+                                                 CLIPProcessor.from_pretrained(clip_path)))
+    peer.update(torch.stack(images), prompts)
+    assert ours.shape == (5,) and len(set(np.round(ours, 4))) == 5
+    assert float(ours.mean()) == pytest.approx(max(float(peer.compute()), 0.0), abs=1e-4)
+
+
+def test_pick_score_is_the_clip_models_own_logits(clip_path):
+    """PickScore's model card: `scores = model.logit_scale.exp() * (text_embs @ image_embs.T)`; transformers'
+    CLIPModel.forward gives the same as `logits_per_image`: its diagonal is each sample's score."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from diffguide.metrics.text import TextMetrics
+
+    images, prompts = _images(3, seed=1), ["a red shirt", "a cat", "two shoes"]
+    metric = TextMetrics(pickscore_model=str(clip_path))
+    metric.check(3)
+    ours = metric.per_sample(images, prompts, torch.device("cpu"))["pick_score"]
+    model, processor = CLIPModel.from_pretrained(clip_path), CLIPProcessor.from_pretrained(clip_path)
+    inputs = processor(text=prompts, images=[i for i in images], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image
+    assert np.allclose(ours, torch.diagonal(logits).numpy(), atol=1e-4)
+
+
+def test_a_text_run_scores_clip_score_with_intervals_and_paired_stats(sd_path, clip_path, tmp_path):
+    """End to end: sd15 on its tiny pipeline, metric=text with a tiny CLIP: clip_score and its 95% interval in
+    metrics.json, the per-sample scores in features.npz (what the report's paired differences resample)."""
+    from diffguide.metrics.intervals import PointStats
+
+    out = tmp_path / "run"
+    cfg = compose_run_config(["model=sd15", f"model.source={sd_path}", "metric=text",
+                              f"metric.clip_model={clip_path}", "metric.bootstrap=200", "logger=none", "steps=3",
+                              "num_samples=6", "batch_size=3", "precision=fp32"], out)
+    result = run(cfg)
+    assert result["clip_score_lo"] <= result["clip_score"] <= result["clip_score_hi"]
+    stats = PointStats.load(out / "features.npz")
+    assert stats.clip_score.shape == (6,) and float(stats.clip_score.mean()) == pytest.approx(result["clip_score"])
+
+
+TEXT_MISTAKES = [
+    ("a missing prompt file", ["prompts.file=/nonexistent/prompts.txt"], "no such file"),
+    ("a column the file lacks", ["prompts=parti", "prompts.file={tsv}"], "has no such column"),
+    ("an empty prompt file", ["prompts.file={empty}"], "holds no prompts"),
+    ("prompts to a class model", ["model=fmnist_unet", "prompts=smoke"], "class-conditional"),
+    ("a classifier method on a text model", ["guidance=classifier"], "conditioned on prompts"),
+    ("metric=text without a CLIP", ["metric=text"], "metric.clip_model"),
+    ("CLIP weights that are not there", ["metric=text", "metric.clip_model=/nonexistent/clip"], "no such folder"),
+]
+
+
+@pytest.mark.parametrize("name,args,phrase", TEXT_MISTAKES, ids=[m[0] for m in TEXT_MISTAKES])
+def test_text_mistakes_are_one_line_before_any_work(sd_path, tmp_path, name, args, phrase):
+    """Every line of stderr counted (Hydra's, a library's, a traceback): exactly one, naming the mistake; exit 2;
+    no sample written."""
+    from tests.helpers import run_cli
+
+    tsv = tmp_path / "parti.tsv"
+    tsv.write_text("Text\tCategory\na cat\tanimals\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    args = [a.format(tsv=tsv, empty=empty) for a in args]
+    extra = [] if any(a.startswith("metric=") for a in args) else ["metric=none"]
+    model = [] if any(a.startswith("model=") for a in args) else ["model=sd15", f"model.source={sd_path}"]
+    proc = run_cli("diffguide.run", *model, "logger=none", "steps=2", "num_samples=2",
+                   f"out_dir={tmp_path / 'out'}", *extra, *args)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and phrase in lines[0], lines
+    assert not list((tmp_path / "out").glob("samples/*.png"))
+
+
+def test_prompts_longer_than_the_encoder_are_one_warning(sd_path, tmp_path):
+    """The tiny CLIP tokenizer keeps 16 tokens (byte-level, no merges: one token a character): two of three
+    prompts are longer, said once, in one line, with the count."""
+    from diffguide.models import stable_diffusion
+
+    from tests.helpers import run_cli
+
+    proc = run_cli("diffguide.run", "model=sd15", f"model.source={sd_path}", "logger=none", "metric=none",
+                   "steps=2", "num_samples=3", f"out_dir={tmp_path / 'out'}",
+                   "prompts.list=[a cat,a very long prompt about a cat,another long prompt]")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 0, proc.stderr
+    assert lines == ["diffguide: warning: 2 of 3 prompts are longer than the tokenizer's 16 tokens and are "
+                     "truncated to them, as the pipeline does"], lines
+    assert stable_diffusion.StableDiffusion.family == "sd"
