@@ -51,6 +51,9 @@ def collect(sweep: Path) -> tuple[list[dict], list[results.Skipped]]:
     for point in points:
         row = {k: v for k, v in point.record.items() if not isinstance(v, (dict, list))}
         row.update(status=point.status, job=str(point.folder.relative_to(sweep)), _dir=str(point.folder))
+        equivalent = point.record.get("equivalent_scale")
+        if isinstance(equivalent, dict) and isinstance(equivalent.get("mean"), (int, float)):
+            row["equivalent_scale"] = float(equivalent["mean"])  # its per-step values stay in metrics.json
         config = point.record.get("config") or {}
         row["model"] = model_name(config)
         if row.get("seed") is None and isinstance(config.get("seed"), int):
@@ -197,6 +200,7 @@ _BASELINE_REPLICATES: dict[tuple, np.ndarray] = {}
 
 def _differences(points: list[dict], baseline: list[dict], replicate_count: int) -> dict[str, tuple]:
     per_name: dict[str, list[tuple[float, np.ndarray]]] = {}
+    wins: dict[str, list[float]] = {}
     for point in points:
         partner = next((b for b in baseline if b.get("seed") == point.get("seed")
                         and (b.get("num_samples") or 0) >= (point.get("num_samples") or 0)), None)
@@ -230,13 +234,29 @@ def _differences(points: list[dict], baseline: list[dict], replicate_count: int)
             else:
                 estimate = float(point[key]) - float(partner[key])
             per_name.setdefault(name, []).append((estimate, reps))
+        for name in set(WIN_RATES) & set(a.available()) & set(b.available()):
+            wins.setdefault(name, []).append(win_rate(getattr(a, name), getattr(b, name)))
     out = {}
     for name, items in per_name.items():
         if len(items) == len(points):
             estimate = float(np.mean([e for e, _ in items]))
             low, high = intervals.interval(estimate, np.mean([r for _, r in items], 0))
             out[name] = (estimate, low, high)
+    for name, rates in wins.items():
+        if len(rates) == len(points):
+            out[f"win_{name}"] = (float(np.mean(rates)), math.nan, math.nan)
     return out
+
+
+#: the per-sample scores (higher is better) whose paired win rate against the baseline the report shows
+WIN_RATES = ("clip_score", "pick_score")
+
+
+def win_rate(a: np.ndarray, b: np.ndarray) -> float:
+    """The share of paired samples (same prompt, same seed) where a scores higher than b, ties counted half: the
+    per-prompt win rate text-to-image comparisons report (Guidance Matters' protocol)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float((a > b).mean() + 0.5 * (a == b).mean())
 
 
 def _first(stats: intervals.PointStats, n: int) -> intervals.PointStats:
@@ -278,17 +298,45 @@ def cell(value, fmt, low=math.nan, high=math.nan) -> str:
     return text
 
 
+#: the statistics with a paired-difference column against the baseline
+PAIRED = ("fid", "class_accuracy", "clip_score", "pick_score")
+
+
+def equivalent_scale(point: dict) -> float | None:
+    """The mean equivalent CFG scale a run logged (run ... equivalent_scale=true), or None."""
+    found = point.get("equivalent_scale")
+    return float(found) if isinstance(found, (int, float)) and not isinstance(found, bool) else None
+
+
+def compute_matched(table: dict) -> list[str]:
+    """Guidance Matters' compute-matched baseline for every non-CFG setting that logged its equivalent scale: CFG at
+    that scale with the steps that spend the method's network evaluations (CFG spends 2 a step)."""
+    lines = []
+    for key, points in table.items():
+        first = points[0]
+        scale, nfe, steps = equivalent_scale(first), first.get("nfe"), first.get("steps")
+        if key[0] == "cfg" or scale is None or not isinstance(nfe, (int, float)) or not isinstance(steps, int):
+            continue
+        lines.append(f"{key[0]} {'' if key[1] is None else f'{key[1]:g}'}: compute-matched CFG: guidance=cfg "
+                     f"scale={scale:.2f} steps={max(1, round(nfe / 2))} ({nfe:g} evaluations, {steps} steps)")
+    return lines
+
+
 def markdown(table: dict, baseline: tuple | None, diffs: dict) -> str:
     """Each setting: N, seeds, NFE, sampling seconds per 1000 samples (on the machine that made them), every
     statistic with its interval, and its paired difference to the baseline for FID and class accuracy (* where the
     interval excludes 0)."""
     shown = [(name, fmt) for name, fmt in SHOWN if any(column(p[0], name) for p in table.values())]
-    headers = ["method", "scale", "N", "seeds", "nfe", "s / 1000 samples"]
+    equivalent = any(equivalent_scale(p[0]) is not None for p in table.values())
+    headers = ["method", "scale", "N", "seeds", "nfe", "s / 1000 samples"] + (["eq. CFG scale"] if equivalent else [])
+    against = "" if baseline is None else f" vs {baseline[0]}" + ("" if baseline[1] is None else f" {baseline[1]:g}")
     for name, _ in shown:
         key = next(column(p[0], name) for p in table.values() if column(p[0], name))
         headers.append(key)
-        if name in ("fid", "class_accuracy") and baseline is not None:
-            headers.append(f"Δ{name} vs {baseline[0]}" + ("" if baseline[1] is None else f" {baseline[1]:g}"))
+        if name in PAIRED and baseline is not None:
+            headers.append(f"Δ{name}{against}")
+        if name in WIN_RATES and baseline is not None:
+            headers.append(f"{name} wins{against}")
     lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
     for key, points in table.items():
         first = points[0]
@@ -296,14 +344,19 @@ def markdown(table: dict, baseline: tuple | None, diffs: dict) -> str:
         cells = [key[0], "" if key[1] is None else f"{key[1]:g}", str(first.get("num_samples", "")),
                  ",".join(map(str, seeds)), cell(first.get("nfe"), "{:.1f}"),
                  cell(float(np.mean([seconds_per_image(p) for p in points])) * 1000, "{:.0f}")]
+        if equivalent:
+            cells.append(cell(equivalent_scale(first), "{:.2f}"))
         for name, fmt in shown:
             value = aggregate(points, name)
             cells.append("" if value is None else cell(value[0], fmt, value[1], value[2])
                          + (f" ±{fmt.format(value[3])}" if len(points) > 1 else ""))
-            if name in ("fid", "class_accuracy") and baseline is not None:
+            if name in PAIRED and baseline is not None:
                 d = diffs.get(key, {}).get(name)
                 cells.append("baseline" if key == baseline else "" if d is None else
                              cell(d[0], "{:+" + fmt[2:], d[1], d[2]) + (" *" if significant(d[1], d[2]) else ""))
+            if name in WIN_RATES and baseline is not None:
+                w = diffs.get(key, {}).get(f"win_{name}")
+                cells.append("baseline" if key == baseline else "" if w is None else f"{w[0]:.1%}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -463,6 +516,9 @@ def report(rows: list[dict], baseline_spec: str | None = "cfg") -> tuple[str, li
             diffs[key] = differences(points, table[baseline])
             for point in points:
                 for name, (estimate, low, high) in diffs[key].items():
+                    if name.startswith("win_"):
+                        point[name] = estimate
+                        continue
                     col = column(point, name)
                     point[f"delta_{col}"], point[f"delta_{col}_lo"], point[f"delta_{col}_hi"] = estimate, low, high
     if baseline is not None:
@@ -470,6 +526,7 @@ def report(rows: list[dict], baseline_spec: str | None = "cfg") -> tuple[str, li
         if unpaired:
             notes.append(f"{len(unpaired)} setting(s) not paired with the baseline (other seeds or sample count, or "
                          f"no features.npz): {'; '.join(unpaired[:5])}{'; ...' if len(unpaired) > 5 else ''}")
+    notes.extend(compute_matched(table))
     return markdown(table, baseline, diffs), notes
 
 

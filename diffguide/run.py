@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from diffguide.data import prompts as prompt_lib
+from diffguide.guidance.equivalent import EquivalentScaleProbe
 from diffguide.models.text import is_text
 from diffguide.store import checkpoint
 from diffguide.command import checks
@@ -102,6 +103,8 @@ def _run(cfg: DictConfig, out_dir: Path, name: str, group: str | None, progress:
         sampler = instantiate(cfg.sampler)
         sampler.check(denoiser)
         guidance = instantiate(cfg.guidance)
+        if cfg.get("equivalent_scale"):
+            guidance = EquivalentScaleProbe(guidance)
         guidance.check(denoiser)
         sampler.check(denoiser, guidance)
         metric = instantiate(cfg.metric)
@@ -201,6 +204,7 @@ def _sample_and_score(cfg, out_dir, name, group, shard, device, total_start, den
                   "nfe": sum(m["nfe"] for m in metas) / len(metas), "num_samples": cfg.num_samples, **sampling,
                   **results.sampling_totals(out_dir),
                   "noise_levels": noise_levels(sampler, denoiser),
+                  **({"equivalent_scale": guidance.summary()} if isinstance(guidance, EquivalentScaleProbe) else {}),
                   **({"prompt_set": {"source": denoiser.prompt_set.source, "prompts": len(denoiser.prompt_set),
                                      "digest": denoiser.prompt_set.digest}} if is_text(denoiser) else {}),
                   "scoring_wall_s": round(time.perf_counter() - score_start, 3),

@@ -55,6 +55,7 @@ class RunConfig:
     precision: Precision = Precision.bf16
     out_dir: Optional[str] = None
     grid_size: int = 100
+    equivalent_scale: bool = False
     tune: TuneConfig = field(default_factory=TuneConfig)
 
 

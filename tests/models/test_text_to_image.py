@@ -304,3 +304,29 @@ def test_prompts_longer_than_the_encoder_are_one_warning(sd_path, tmp_path):
     assert lines == ["diffguide: warning: 2 of 3 prompts are longer than the tokenizer's 16 tokens and are "
                      "truncated to them, as the pipeline does"], lines
     assert stable_diffusion.StableDiffusion.family == "sd"
+
+
+def test_the_report_pairs_text_runs_prompt_by_prompt(sd_path, clip_path, tmp_path):
+    """Two methods on the same prompts and seeds: the report gives the paired CLIP-score difference with its
+    interval, the per-prompt win rate (worked here from the two features.npz files: the share of samples scoring
+    higher, ties half), the equivalent CFG scale each logged, and the compute-matched CFG line for APG."""
+    from diffguide import report
+    from diffguide.metrics.intervals import PointStats
+
+    sweep = tmp_path / "sweep"
+    for method, scale in (("cfg", 3), ("apg", 6)):
+        cfg = compose_run_config(["model=sd15", f"model.source={sd_path}", "metric=text",
+                                  f"metric.clip_model={clip_path}", "metric.bootstrap=100", "logger=none", "steps=3",
+                                  "num_samples=8", "batch_size=4", "precision=fp32", f"guidance={method}",
+                                  f"scale={scale}", "equivalent_scale=true"], sweep / method)
+        run(cfg)
+    rows, skipped = report.collect(sweep)
+    assert not skipped
+    table, notes = report.report(rows, "cfg")
+    a, b = PointStats.load(sweep / "apg" / "features.npz"), PointStats.load(sweep / "cfg" / "features.npz")
+    expected = float((a.clip_score > b.clip_score).mean() + 0.5 * (a.clip_score == b.clip_score).mean())
+    apg = next(r for r in rows if r["guidance"] == "apg")
+    assert apg["win_clip_score"] == pytest.approx(expected)
+    assert apg["delta_clip_score"] == pytest.approx(float(a.clip_score.mean() - b.clip_score.mean()), abs=1e-6)
+    assert "clip_score wins vs cfg" in table and f"{expected:.1%}" in table
+    assert any(n.startswith("apg 6: compute-matched CFG: guidance=cfg scale=") and "steps=3" in n for n in notes), notes
