@@ -36,6 +36,20 @@ class LatentTextDenoiser(TextConditioned, Denoiser):
     #: the channels the VAE's latents are shifted by before decoding (SD3, FLUX); 0 for SD and SDXL
     shift_factor = 0.0
 
+    @staticmethod
+    def parameterisation_of(scheduler_config: dict) -> str:
+        """diffguide's parameterisation of a diffusers scheduler config's `prediction_type`."""
+        return {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[
+            scheduler_config.get("prediction_type", "epsilon")]
+
+    def _register(self, pipe) -> None:
+        """The pipeline's VAE and text encoders as this Module's own (after Denoiser.__init__), so that .to(device)
+        and .eval() reach them; the network itself is registered by the family under its own name."""
+        self.vae = pipe.vae
+        self.text_encoders = torch.nn.ModuleList(
+            [m for m in (getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+             if m is not None])
+
     def _setup_latents(self, pipe, resolution, decode_batch_size: int, vae_slicing: bool, vae_tiling: bool,
                        latent_channels: int, default_size: int) -> tuple[int, int, int]:
         self.pipe = pipe  # not a Module: its components are registered by the family (after Denoiser.__init__)
@@ -116,17 +130,12 @@ class StableDiffusion(LatentTextDenoiser):
         scheduler_config = dict(pipe.scheduler.config)
         scheduler = DDPMScheduler.from_config(scheduler_config)
         unet = pipe.unet
-        shape = self._shape_of(pipe, unet, resolution, decode_batch_size, vae_slicing, vae_tiling)
+        shape = self._setup_latents(pipe, resolution, decode_batch_size, vae_slicing, vae_tiling,
+                                    unet.config.in_channels, unet.config.sample_size)
         Denoiser.__init__(self, scheduler.alphas_cumprod, shape, 0, None, scheduler_config, data_range=None,
-                          parameterisation={"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[
-                              scheduler_config.get("prediction_type", "epsilon")])
-        self.unet, self.vae = unet, pipe.vae  # registered: .to(device) moves them
-        self.text_encoders = torch.nn.ModuleList(
-            [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None])
-
-    def _shape_of(self, pipe, unet, resolution, decode_batch_size, vae_slicing, vae_tiling):
-        return self._setup_latents(pipe, resolution, decode_batch_size, vae_slicing, vae_tiling,
-                                   unet.config.in_channels, unet.config.sample_size)
+                          parameterisation=self.parameterisation_of(scheduler_config))
+        self.unet = unet
+        self._register(pipe)
 
     def encode(self, strings):
         embeds, _ = self.pipe.encode_prompt(strings, self.device, 1, False)
@@ -189,15 +198,21 @@ def load_pipeline(pipeline_class: str, source: str, revision=None, local_files_o
     return pipe
 
 
+def load_family(families: dict, family: str, source: str, prompts, revision, local_files_only: bool, **kwargs):
+    """A family of `families` (name -> (pipeline class, Denoiser class)) from `source`, with the run's prompts: the
+    prompt set first (a mistake in it is one line before any weights load), then the pipeline."""
+    if family not in families:
+        raise UserError(f"model.family={family!r}: one of {', '.join(families)}")
+    prompt_set = prompt_lib.as_set(prompts)
+    pipeline_class, cls = families[family]
+    model = cls(load_pipeline(pipeline_class, source, revision, local_files_only), **kwargs)
+    model.set_prompts(prompt_set)
+    return model.eval().requires_grad_(False)
+
+
 def load(family: str, source: str, prompts=None, resolution=None, decode_batch_size: int = 8,
          vae_slicing: bool = False, vae_tiling: bool = False, revision: str | None = None,
          local_files_only: bool = False):
     """The `_target_` of conf/model/sd15.yaml, sd21.yaml and sdxl.yaml."""
-    if family not in _FAMILIES:
-        raise UserError(f"model.family={family!r}: one of {', '.join(_FAMILIES)}")
-    prompt_set = prompt_lib.as_set(prompts)
-    pipeline_class, cls = _FAMILIES[family]
-    pipe = load_pipeline(pipeline_class, source, revision, local_files_only)
-    model = cls(pipe, resolution, decode_batch_size, vae_slicing, vae_tiling)
-    model.set_prompts(prompt_set)
-    return model.eval().requires_grad_(False)
+    return load_family(_FAMILIES, family, source, prompts, revision, local_files_only, resolution=resolution,
+                       decode_batch_size=decode_batch_size, vae_slicing=vae_slicing, vae_tiling=vae_tiling)

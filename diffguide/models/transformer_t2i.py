@@ -21,11 +21,10 @@ guidance_scale to both). schnell has no guidance input: few steps, no guidance (
 import numpy as np
 import torch
 
-from diffguide.data import prompts as prompt_lib
 from diffguide.errors import UserError
 from diffguide.models.denoiser import Denoiser
 from diffguide.models.schedules import FlowSchedule
-from diffguide.models.stable_diffusion import LatentTextDenoiser, load_pipeline
+from diffguide.models.stable_diffusion import LatentTextDenoiser, load_family
 
 
 def _transformer_parts(blocks, names):
@@ -46,9 +45,8 @@ class StableDiffusion3(LatentTextDenoiser):
         scheduler_config = dict(pipe.scheduler.config)
         Denoiser.__init__(self, None, shape, 0, None, scheduler_config, data_range=None,
                           schedule=FlowSchedule(scheduler_config), parameterisation="flow")
-        self.transformer, self.vae = transformer, pipe.vae
-        self.text_encoders = torch.nn.ModuleList(
-            [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if m is not None])
+        self.transformer = transformer
+        self._register(pipe)
         self.max_sequence_length = int(max_sequence_length)
 
     def max_tokens(self, name, tokenizer):
@@ -114,9 +112,8 @@ class Flux(LatentTextDenoiser):
         tokens = (shape[1] // 2) * (shape[2] // 2)
         Denoiser.__init__(self, None, shape, 0, None, scheduler_config, data_range=None,
                           schedule=FluxSchedule(scheduler_config, tokens), parameterisation="flow")
-        self.transformer, self.vae = transformer, pipe.vae
-        self.text_encoders = torch.nn.ModuleList([m for m in (pipe.text_encoder, pipe.text_encoder_2)
-                                                  if m is not None])
+        self.transformer = transformer
+        self._register(pipe)
         self.max_sequence_length = int(max_sequence_length)
         self.guidance_embed = float(guidance_embed)
         self._scale = None
@@ -184,10 +181,9 @@ class PixArtSigma(LatentTextDenoiser):
         scheduler_config = dict(pipe.scheduler.config)
         scheduler = DDPMScheduler.from_config(scheduler_config)
         Denoiser.__init__(self, scheduler.alphas_cumprod, shape, 0, None, scheduler_config, data_range=None,
-                          parameterisation={"epsilon": "eps", "v_prediction": "v"}[
-                              scheduler_config.get("prediction_type", "epsilon")])
-        self.transformer, self.vae = transformer, pipe.vae
-        self.text_encoders = torch.nn.ModuleList([pipe.text_encoder])
+                          parameterisation=self.parameterisation_of(scheduler_config))
+        self.transformer = transformer
+        self._register(pipe)
         self.max_sequence_length = int(max_sequence_length)
 
     @property
@@ -221,14 +217,8 @@ def load(family: str, source: str, prompts=None, resolution=None, decode_batch_s
          vae_slicing: bool = False, vae_tiling: bool = False, max_sequence_length: int | None = None,
          guidance_embed: float = 3.5, revision: str | None = None, local_files_only: bool = False):
     """The `_target_` of conf/model/sd3.yaml, flux_dev.yaml, flux_schnell.yaml and pixart_sigma.yaml."""
-    if family not in _FAMILIES:
-        raise UserError(f"model.family={family!r}: one of {', '.join(_FAMILIES)}")
-    prompt_set = prompt_lib.as_set(prompts)
-    pipeline_class, cls = _FAMILIES[family]
-    pipe = load_pipeline(pipeline_class, source, revision, local_files_only)
     kwargs = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
-    if cls is Flux:
+    if _FAMILIES.get(family, (None, None))[1] is Flux:
         kwargs["guidance_embed"] = guidance_embed
-    model = cls(pipe, resolution, decode_batch_size, vae_slicing, vae_tiling, **kwargs)
-    model.set_prompts(prompt_set)
-    return model.eval().requires_grad_(False)
+    return load_family(_FAMILIES, family, source, prompts, revision, local_files_only, resolution=resolution,
+                       decode_batch_size=decode_batch_size, vae_slicing=vae_slicing, vae_tiling=vae_tiling, **kwargs)

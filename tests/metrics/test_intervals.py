@@ -164,7 +164,10 @@ def test_fid_infinity_equals_a_fit_over_subset_fids():
 def test_point_stats_round_trip(tmp_path):
     g, r = _features(0), _features(1, shift=0.0)
     stats = _stats(g, r, np.arange(300) % 10)
+    stats.clip_score = np.linspace(20.0, 35.0, 300)  # the text metrics' per-sample scores (metrics/text.py)
+    stats.pick_score = np.linspace(18.0, 22.0, 300)
     stats.save(tmp_path / "features.npz")
     back = iv.PointStats.load(tmp_path / "features.npz")
     assert back.available() == stats.available() == list(iv.NAMES)
+    assert np.array_equal(back.clip_score, stats.clip_score) and np.array_equal(back.pick_score, stats.pick_score)
     assert back.n_reference == 300 and np.array_equal(back.covers, stats.covers)
